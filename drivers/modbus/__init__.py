@@ -1,0 +1,1 @@
+"""Modbus TCP: pure planning and decoding, and the pymodbus-backed driver."""

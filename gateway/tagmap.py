@@ -1,0 +1,275 @@
+"""The YAML tag map: frozen pydantic models, strict validation, errors with file, line and field.
+
+The models are the reference for the tag map; README.md shows it by example. Field checks come from
+pydantic (every error at once); checks across the map (ids, device references, overlapping writable
+addresses, reads that fit the protocol) run after, and also report every error at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTERS, DataType, Order, Table
+
+from .yamlsource import Document, Loc, Problem, SourceError, format_path, load
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _duration(value: object) -> object:
+    """``500ms``, ``1s``, ``2m``, ``1h`` or a number of seconds -> seconds as float."""
+    if isinstance(value, bool):
+        raise ValueError("a duration, such as 500ms, 1s, 2m")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 1s, 2m)")
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+Interval = Annotated[float, BeforeValidator(_duration), Field(ge=0.01, le=86400)]
+Identifier = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+TopicPart = Annotated[str, Field(pattern=r"^[^#+\s]+(/[^#+\s/]+)*$")]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+
+class GatewayConfig(Frozen):
+    id: Identifier
+    site: str = ""
+
+
+class MqttConfig(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: TopicPart = Field(description="ISA-95 style path, e.g. ninu/plant-1")
+    client_id: str | None = Field(default=None, description="defaults to edge-gateway-{gateway.id}")
+    username: str | None = None
+    password_file: Path | None = Field(
+        default=None,
+        description="file holding the broker password; EDGE_GATEWAY_MQTT_PASSWORD overrides it",
+    )
+    keepalive: Duration = Field(default=30.0, ge=5, le=3600)
+    max_inflight: int = Field(default=64, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK")
+    reconnect_max: Duration = Field(default=30.0, ge=0.1, le=300, description="backoff cap")
+    publish_timeout: Duration = Field(default=10.0, ge=0.5, le=300)
+
+
+class BufferConfig(Frozen):
+    path: Path | None = Field(
+        default=None,
+        description="SQLite file; default $STATE_DIRECTORY/buffer.sqlite or ./var/buffer.sqlite",
+    )
+    commit_interval: Duration = Field(default=0.05, ge=0, le=10, description="batch commits")
+
+
+class ModbusTcpDevice(Frozen):
+    protocol: Literal["modbus_tcp"]
+    id: Identifier
+    host: str
+    port: int = Field(default=502, ge=1, le=65535)
+    unit: int = Field(default=1, ge=0, le=255)
+    interval: Interval = 1.0
+    timeout: Annotated[float, BeforeValidator(_duration), Field(ge=0.01, le=60)] = 1.0
+    max_gap: int = Field(default=0, ge=0, le=MAX_READ_REGISTERS, description="hole a read may bridge")
+    max_registers: int = Field(default=MAX_READ_REGISTERS, ge=1, le=MAX_READ_REGISTERS)
+    max_bits: int = Field(default=MAX_READ_BITS, ge=1, le=MAX_READ_BITS)
+    byte_order: Order = Order.BIG
+    word_order: Order = Order.BIG
+
+
+Device = Annotated[ModbusTcpDevice, Field(discriminator="protocol")]
+
+
+class Tag(Frozen):
+    device: Identifier
+    # Modbus addressing
+    table: Table | None = None
+    address: int | None = Field(default=None, ge=0, lt=ADDRESS_SPACE)
+    unit_id: int | None = Field(default=None, ge=0, le=255, description="overrides the device's unit")
+    type: DataType = DataType.UINT16
+    count: int | None = Field(default=None, ge=1, le=MAX_READ_REGISTERS)
+    bit: int | None = Field(default=None, ge=0, le=15)
+    byte_order: Order | None = None
+    word_order: Order | None = None
+    # engineering value
+    scale: float = 1.0
+    offset: float = 0.0
+    enum: dict[int, str] | None = None
+    unit: str | None = None
+    deadband: float | None = Field(default=None, ge=0, description="report by exception")
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _layout(self) -> Tag:
+        if self.table is None or self.address is None:
+            raise ValueError("a Modbus tag needs table and address")
+        if self.table.is_bits:
+            if self.type is not DataType.BOOL:
+                raise ValueError(f"{self.table} holds bits: type must be bool, not {self.type}")
+            if self.bit is not None or (self.count not in (None, 1)):
+                raise ValueError(f"{self.table} tags take neither bit nor count")
+        elif self.type is DataType.BOOL:
+            if self.bit is None:
+                raise ValueError("a bool in a register needs bit: 0..15")
+        elif self.bit is not None:
+            raise ValueError("bit applies to type bool only")
+        width = self.type.width
+        if self.type is DataType.STRING:
+            if self.count is None:
+                raise ValueError("a string needs count (registers, two characters each)")
+        elif self.count is not None and self.count != width:
+            raise ValueError(f"count {self.count} does not fit type {self.type} ({width} register(s))")
+        if self.address + self.registers > ADDRESS_SPACE:
+            raise ValueError(f"address {self.address} + {self.registers} runs past 65535")
+        if (self.scale != 1.0 or self.offset != 0.0) and self.type in (DataType.BOOL, DataType.STRING):
+            raise ValueError(f"scale/offset do not apply to {self.type}")
+        if self.enum is not None and not self.type.is_integer:
+            raise ValueError("enum applies to integer types")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+    @property
+    def registers(self) -> int:
+        """Addresses the tag spans in its table (bits for coils/discretes)."""
+        if self.table is not None and self.table.is_bits:
+            return 1
+        return self.count if self.count is not None else (self.type.width or 1)
+
+
+class Asset(Frozen):
+    id: Identifier
+    kind: Literal["reactor", "station"]
+    name: str = ""
+    device: Identifier | None = Field(default=None, description="default device of the asset's tags")
+    tags: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")], Tag] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_device(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("device") and isinstance(data.get("tags"), dict):
+            tags = {
+                name: {"device": data["device"], **tag} if isinstance(tag, dict) and "device" not in tag else tag
+                for name, tag in data["tags"].items()
+            }
+            data = {**data, "tags": tags}
+        return data
+
+
+class TagMap(Frozen):
+    gateway: GatewayConfig
+    mqtt: MqttConfig
+    buffer: BufferConfig = BufferConfig()
+    devices: list[Device] = Field(min_length=1)
+    assets: list[Asset] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extension_keys(cls, data: object) -> object:
+        """Top-level ``x-...`` keys hold YAML anchors for reuse (as in compose files)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+        return data
+
+    def device(self, device_id: str) -> Device:
+        return next(d for d in self.devices if d.id == device_id)
+
+    def asset(self, asset_id: str) -> Asset:
+        return next(a for a in self.assets if a.id == asset_id)
+
+    def bindings(self, device_id: str) -> Iterator[tuple[Asset, str, Tag]]:
+        """Every (asset, tag name, tag) read from ``device_id``."""
+        for asset in self.assets:
+            for name, tag in asset.tags.items():
+                if tag.device == device_id:
+                    yield asset, name, tag
+
+
+def load_tag_map(path: Path | str, display: str | None = None) -> TagMap:
+    """Load and validate; raise SourceError listing every problem with file, line and field."""
+    doc = load(Path(path), display)
+    try:
+        tag_map = TagMap.model_validate(doc.data)
+    except ValidationError as exc:
+        raise SourceError([_problem(doc, tuple(e["loc"]), _message(e)) for e in exc.errors()]) from None
+    problems = [_problem(doc, loc, msg) for loc, msg in cross_check(tag_map)]
+    if problems:
+        raise SourceError(problems)
+    return tag_map
+
+
+def _message(err: dict[str, object]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _problem(doc: Document, loc: Loc, message: str) -> Problem:
+    line, path = doc.locate(loc)
+    return Problem(doc.file, line, path, message)
+
+
+def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
+    """Checks that need the whole map; each names the field it concerns."""
+    issues: list[tuple[Loc, str]] = []
+    issues += _duplicates(tm)
+    devices = {d.id: d for d in tm.devices}
+    writable: dict[tuple[str, int, Table], list[tuple[int, int, Loc]]] = {}
+    for ai, asset in enumerate(tm.assets):
+        for name, tag in asset.tags.items():
+            loc: Loc = ("assets", ai, "tags", name)
+            device = devices.get(tag.device)
+            if device is None:
+                issues.append(((*loc, "device"), f"no device {tag.device!r} (devices: {', '.join(devices)})"))
+                continue
+            if tag.table is not None and tag.address is not None:
+                limit = device.max_bits if tag.table.is_bits else device.max_registers
+                if tag.registers > limit:
+                    issues.append(((*loc, "count"), f"{tag.registers} registers exceed one read ({limit})"))
+                if tag.writable:
+                    key = (device.id, tag.unit_id if tag.unit_id is not None else device.unit, tag.table)
+                    writable.setdefault(key, []).append((tag.address, tag.address + tag.registers, loc))
+    for spans in writable.values():
+        spans.sort()
+        for (s1, e1, loc1), (s2, _e2, loc2) in zip(spans, spans[1:], strict=False):
+            if s2 < e1:
+                issues.append(((*loc2, "address"), f"writable addresses overlap {format_path(loc1)} ({s1}..{e1 - 1})"))
+    return issues
+
+
+def _duplicates(tm: TagMap) -> list[tuple[Loc, str]]:
+    issues: list[tuple[Loc, str]] = []
+    for section, items in (("devices", tm.devices), ("assets", tm.assets)):
+        first: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if item.id in first:
+                issues.append(((section, i, "id"), f"duplicate id {item.id!r} (also {section}[{first[item.id]}])"))
+            else:
+                first[item.id] = i
+    return issues
+
+
+__all__ = ["Asset", "Device", "ModbusTcpDevice", "SourceError", "Tag", "TagMap", "load_tag_map"]

@@ -1,0 +1,1 @@
+"""Bundled PLC simulators for demos and tests."""
