@@ -76,7 +76,6 @@ class BufferConfig(Frozen):
         default=None,
         description="SQLite file; default $STATE_DIRECTORY/buffer.sqlite or ./var/buffer.sqlite",
     )
-    commit_interval: Duration = Field(default=0.05, ge=0, le=10, description="batch commits")
 
 
 class ModbusTcpDevice(Frozen):

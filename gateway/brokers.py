@@ -1,0 +1,92 @@
+"""Starting a local Mosquitto for the demo and the tests (stopped by its pid, never by name)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.02)
+
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+class Mosquitto:
+    """A private Mosquitto on ``port`` with persistence in its own directory (restartable)."""
+
+    def __init__(self, port: int | None = None, *, workdir: Path | None = None, extra: str = "") -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise FileNotFoundError("mosquitto not found (Debian: apt-get install -y mosquitto)")
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mosquitto-"))
+        self.conf = self.workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 0\n"
+            "max_queued_messages 0\n"
+            "max_inflight_messages 0\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+            + extra
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.workdir / "mosquitto.log", "ab"),  # noqa: SIM115
+        )
+        try:
+            wait_port(self.host, self.port)
+        except TimeoutError:
+            self.stop()
+            log = (self.workdir / "mosquitto.log").read_text(errors="replace")
+            raise RuntimeError(f"mosquitto did not start on port {self.port}: {log}") from None
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

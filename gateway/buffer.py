@@ -1,0 +1,154 @@
+"""Store-and-forward buffer in SQLite (aiosqlite, WAL).
+
+Every sequenced message (telemetry now; alerts and events later) is committed here before it is
+published and deleted only after the broker's PUBACK. ``seq`` is the row's primary key with
+AUTOINCREMENT, so it is never reused, survives restarts and has no gaps: a number is only consumed
+by a committed row. Retained per-asset ``state`` is a snapshot, kept one row per topic and
+replaced in place: after an outage only the newest state matters.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import aiosqlite
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    asset TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    topic TEXT PRIMARY KEY,
+    payload BLOB NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+
+class Row(NamedTuple):
+    seq: int
+    topic: str
+    payload: bytes
+    created: float
+
+
+class BufferError(Exception):
+    """The buffer cannot be opened or written (disk, permissions, corruption)."""
+
+
+class Buffer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._next_seq = 1
+        self.rows = 0
+
+    async def __aenter__(self) -> Buffer:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise BufferError(f"cannot open {self.path}: {exc}") from exc
+        self._db = db
+        try:
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "journal_size_limit=67108864",
+                           "foreign_keys=OFF"):
+                await db.execute(f"PRAGMA {pragma}")
+            await db.executescript(SCHEMA)
+            async with db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'") as cur:
+                row = await cur.fetchone()
+            self._next_seq = (row[0] if row else 0) + 1
+            async with db.execute("SELECT count(*) FROM outbox") as cur:
+                self.rows = (await cur.fetchone() or (0,))[0]
+        except sqlite3.Error as exc:
+            await self.close()
+            raise BufferError(f"cannot use {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise BufferError("buffer is closed")
+        return self._db
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next appended message gets; valid until append() commits."""
+        return self._next_seq
+
+    async def append(self, messages: Sequence[tuple[int, str, bytes, str]],
+                     states: Iterable[tuple[str, bytes]] = ()) -> None:
+        """Commit ``(seq, topic, payload, asset)`` rows and state snapshots in one transaction.
+
+        The caller numbers messages from ``next_seq`` upwards, in order, without holes.
+        """
+        if messages and messages[0][0] != self._next_seq:
+            raise ValueError(f"first seq {messages[0][0]} is not next_seq {self._next_seq}")
+        now = time.time()
+        db = self.db
+        await db.execute("BEGIN")
+        try:
+            await db.executemany(
+                "INSERT INTO outbox(seq, topic, payload, asset, created) VALUES (?, ?, ?, ?, ?)",
+                [(seq, topic, payload, asset, now) for seq, topic, payload, asset in messages],
+            )
+            await db.executemany(
+                "INSERT INTO state(topic, payload, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, updated=excluded.updated",
+                [(topic, payload, now) for topic, payload in states],
+            )
+            await db.execute("COMMIT")
+        except sqlite3.Error:
+            await db.execute("ROLLBACK")
+            raise
+        if messages:
+            self._next_seq = messages[-1][0] + 1
+            self.rows += len(messages)
+
+    async def fetch(self, after: int, limit: int) -> list[Row]:
+        async with self.db.execute(
+            "SELECT seq, topic, payload, created FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ) as cur:
+            return [Row(*r) for r in await cur.fetchall()]
+
+    async def delete(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        db = self.db
+        await db.execute("BEGIN")
+        try:
+            cur = await db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            await db.execute("COMMIT")
+        except sqlite3.Error:
+            await db.execute("ROLLBACK")
+            raise
+        self.rows -= max(cur.rowcount, 0)
+
+    async def states(self) -> list[tuple[str, bytes]]:
+        async with self.db.execute("SELECT topic, payload FROM state ORDER BY topic") as cur:
+            return [(t, p) for t, p in await cur.fetchall()]
+
+    async def oldest_age(self) -> float | None:
+        async with self.db.execute("SELECT min(created) FROM outbox") as cur:
+            row = await cur.fetchone()
+        return None if not row or row[0] is None else time.time() - row[0]

@@ -1,0 +1,74 @@
+"""Pure payload codec for the MQTT contract (DESIGN.md): bytes out, no I/O, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import orjson
+
+from .model import Quality, Reading, iso_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str
+    gateway_id: str
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/gateways/{self.gateway_id}/status"
+
+    def asset(self, kind: str, asset_id: str, leaf: str) -> str:
+        return f"{self.prefix}/{kind}s/{asset_id}/{leaf}"
+
+
+def _reading(r: Reading) -> dict[str, object]:
+    out: dict[str, object] = {
+        "tag": r.tag,
+        "value": r.value,
+        "quality": r.quality.value,
+        "source_ts": iso_ms(r.source_ts) if r.source_ts is not None else None,
+        "ts": iso_ms(r.ts),
+    }
+    if r.quality is not Quality.GOOD:
+        out["reason"] = r.reason
+    return out
+
+
+def telemetry(*, gateway_id: str, boot_id: str, seq: int, asset_id: str,
+              readings: Iterable[Reading]) -> bytes:
+    return orjson.dumps({
+        "gateway_id": gateway_id,
+        "boot_id": boot_id,
+        "seq": seq,
+        "asset_id": asset_id,
+        "readings": [_reading(r) for r in readings],
+    })
+
+
+def state(*, asset_id: str, asset_name: str, kind: str, ts: float,
+          latest: Mapping[str, Reading]) -> bytes:
+    return orjson.dumps({
+        "asset_id": asset_id,
+        "asset_name": asset_name,
+        "kind": kind,
+        "ts": iso_ms(ts),
+        "values": {tag: r.value for tag, r in latest.items()},
+        "quality": {tag: r.quality.value for tag, r in latest.items()},
+        "reasons": {tag: r.reason for tag, r in latest.items() if r.quality is not Quality.GOOD},
+    })
+
+
+def status(*, online: bool, gateway_id: str, version: str, boot_id: str, ts: float) -> bytes:
+    return orjson.dumps({
+        "state": "online" if online else "offline",
+        "gateway_id": gateway_id,
+        "version": version,
+        "boot_id": boot_id,
+        "ts": iso_ms(ts),
+    })
+
+
+def decode(payload: bytes) -> object:
+    return orjson.loads(payload)

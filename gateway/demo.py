@@ -1,0 +1,162 @@
+"""``edge-gateway demo`` and ``simulate``: the bundled station simulators, a broker, the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiomqtt
+import orjson
+
+from simulators.stations import Kind, Station
+
+from .brokers import Mosquitto, find_mosquitto
+from .minibroker import MiniBroker
+from .tagmap import ModbusTcpDevice, TagMap
+
+
+DEMO_TIME_SCALE = 20.0  # plant time runs 20x faster in the demo, so counters visibly move and wrap
+
+
+def stations_for(tag_map: TagMap, *, seed: int = 1, time_scale: float = 1.0,
+                 any_port: bool = False) -> dict[str, Station]:
+    """A station simulator for every Modbus device of the map, on the device's port (or any)."""
+    out = {}
+    kinds = list(Kind)
+    for i, dev in enumerate(d for d in tag_map.devices if isinstance(d, ModbusTcpDevice)):
+        kind = next((k for k in kinds if dev.id.startswith(k.value)), kinds[i % len(kinds)])
+        out[dev.id] = Station(
+            dev.id, kind, host=dev.host, port=0 if any_port else dev.port, unit=dev.unit,
+            seed=seed + i, time_scale=time_scale,
+            units_start=(1 << 32) - 300 if kind is Kind.FILLING else 1000 * i,
+        )
+    return out
+
+
+def with_endpoints(tag_map: TagMap, *, mqtt_port: int | None = None,
+                   stations: dict[str, Station] | None = None) -> TagMap:
+    """A copy of the map pointing at a local broker and at the simulators' actual ports."""
+    update: dict[str, object] = {}
+    if mqtt_port is not None:
+        update["mqtt"] = tag_map.mqtt.model_copy(update={"host": "127.0.0.1", "port": mqtt_port})
+    if stations:
+        update["devices"] = [
+            d.model_copy(update={"host": stations[d.id].host, "port": stations[d.id].port})
+            if d.id in stations else d for d in tag_map.devices
+        ]
+    return tag_map.model_copy(update=update)
+
+
+async def simulate(tag_map: TagMap, *, seed: int, time_scale: float, shutdown: asyncio.Event) -> int:
+    stations = stations_for(tag_map, seed=seed, time_scale=time_scale)
+    for dev_id, st in stations.items():
+        await st.start()
+        print(f"{dev_id}: {st.kind} station on {st.host}:{st.port} unit {st.unit}", flush=True)
+    try:
+        await shutdown.wait()
+    finally:
+        for st in stations.values():
+            await st.stop()
+    return 0
+
+
+async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Event) -> int:
+    from .app import Gateway
+    from .logs import configure
+    from .settings import Settings
+
+    configure("console", "warning")
+    workdir = Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
+    mosquitto: Mosquitto | None = None
+    mini: MiniBroker | None = None
+    if find_mosquitto():
+        mosquitto = Mosquitto(workdir=workdir)
+        mosquitto.start()
+        port, broker = mosquitto.port, f"mosquitto (pid {mosquitto.proc.pid if mosquitto.proc else '?'})"
+    else:
+        mini = MiniBroker()
+        await mini.start()
+        port, broker = mini.port, "embedded demo broker (install mosquitto for the real thing)"
+    stations = stations_for(tag_map, any_port=True, time_scale=DEMO_TIME_SCALE)
+    for st in stations.values():
+        await st.start()
+    tm = with_endpoints(tag_map, mqtt_port=port, stations=stations)
+    print(f"broker: {broker} on 127.0.0.1:{port}")
+    print(f"stations: {', '.join(f'{k}@{s.port}' for k, s in stations.items())}")
+    print(f"buffer: {workdir / 'buffer.sqlite'}")
+    print(f"subscribed to {tm.mqtt.topic_prefix}/#  (Ctrl-C to stop)\n", flush=True)
+    gateway = Gateway(tm, Settings(), buffer_path=workdir / "buffer.sqlite")
+    stop_gateway = asyncio.Event()
+    latencies: list[float] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            gw = tg.create_task(gateway.run(stop_gateway), name="gateway")
+            view = tg.create_task(_view(tm, port, latencies), name="viewer")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(duration):
+                    await shutdown.wait()
+            stop_gateway.set()
+            await gw
+            view.cancel()
+    finally:
+        for st in stations.values():
+            await st.stop()
+        if mosquitto:
+            mosquitto.stop()
+        if mini:
+            await mini.stop()
+    _summary(latencies)
+    return 0 if latencies else 1
+
+
+async def _view(tm: TagMap, port: int, latencies: list[float]) -> None:
+    prefix = tm.mqtt.topic_prefix
+    while True:
+        try:
+            async with aiomqtt.Client("127.0.0.1", port, identifier="edge-gateway-demo-viewer") as client:
+                await client.subscribe(f"{prefix}/#", qos=1)
+                async for msg in client.messages:
+                    _show(str(msg.topic), msg.payload, latencies)
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.5)
+
+
+def _show(topic: str, payload: object, latencies: list[float]) -> None:
+    if not isinstance(payload, (bytes, bytearray)):
+        return
+    data = orjson.loads(payload)
+    leaf = topic.rsplit("/", 1)[-1]
+    now = time.time()
+    if leaf == "telemetry":
+        for r in data["readings"][:1]:
+            latencies.append(now - datetime.fromisoformat(r["ts"]).timestamp())
+    elif leaf == "state":
+        v, q = data["values"], data["quality"]
+        bad = sum(1 for x in q.values() if x != "good")
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} "
+              f"units {v.get('units_total')!s:>10}  {_num(v.get('units_per_hour')):>7} u/h "
+              f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC  "
+              f"{'all good' if not bad else f'{bad} bad'}", flush=True)
+    elif leaf == "status":
+        print(f"gateway {data['gateway_id']} is {data['state']} (version {data['version']})", flush=True)
+
+
+def _num(x: object) -> str:
+    return f"{x:.1f}" if isinstance(x, (int, float)) else str(x)
+
+
+def _summary(latencies: list[float]) -> None:
+    if not latencies:
+        print("\nno telemetry arrived", file=sys.stderr)
+        return
+    ordered = sorted(latencies)
+    p95 = ordered[int(0.95 * (len(ordered) - 1))]
+    print(f"\n{len(latencies)} telemetry messages; poll-to-subscriber latency "
+          f"median {statistics.median(ordered) * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, "
+          f"max {ordered[-1] * 1000:.1f} ms")

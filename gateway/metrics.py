@@ -1,0 +1,47 @@
+"""Every metric of the gateway, on a registry of its own (one gateway per registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
+        self.polls = Counter("gateway_device_polls", "Poll cycles completed", ["device"], registry=r)
+        self.poll_errors = Counter(
+            "gateway_device_errors", "Failed device calls by kind", ["device", "kind"], registry=r
+        )
+        self.poll_latency = Histogram(
+            "gateway_device_poll_duration_seconds", "Time to read all of a device's tags",
+            ["device"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.poll_overruns = Counter(
+            "gateway_device_poll_overruns", "Cycles skipped because a poll outlasted its interval",
+            ["device"], registry=r,
+        )
+        self.device_connected = Gauge(
+            "gateway_device_connected", "1 while the device connection is up", ["device"], registry=r
+        )
+        self.readings = Counter(
+            "gateway_readings", "Readings taken, by quality", ["asset", "quality"], registry=r
+        )
+        self.buffer_rows = Gauge("gateway_buffer_rows", "Messages waiting in the buffer", registry=r)
+        self.buffer_errors = Counter(
+            "gateway_buffer_errors", "Buffer writes or deletes that failed", ["op"], registry=r
+        )
+        self.drops = Counter("gateway_buffer_drops", "Messages dropped, by reason", ["reason"], registry=r)
+        self.publishes = Counter("gateway_mqtt_publishes", "Messages acknowledged by the broker",
+                                 ["kind"], registry=r)
+        self.inflight = Gauge("gateway_mqtt_inflight", "QoS 1 messages awaiting PUBACK", registry=r)
+        self.broker_connected = Gauge("gateway_mqtt_connected", "1 while connected", registry=r)
+        self.reconnects = Counter("gateway_mqtt_reconnects", "Broker connection attempts that failed",
+                                  registry=r)
+        self.delivery_latency = Histogram(
+            "gateway_delivery_latency_seconds", "Buffer commit to PUBACK, per message", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600),
+        )
+        Info("gateway_build", "Build information", registry=r).info({"version": __version__})

@@ -1,0 +1,105 @@
+"""One task per device: schedule, timeouts, reconnect with backoff. Never blocks another device."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from drivers import Driver, DriverError
+
+from .backoff import Backoff
+from .logs import get
+from .metrics import Metrics
+from .model import Reading
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBatch:
+    device: str
+    readings: Sequence[Reading]
+
+
+class Poller:
+    def __init__(self, *, driver: Driver, interval: float, timeout: float, requests: int,
+                 out: asyncio.Queue[DeviceBatch | None], metrics: Metrics, backoff_cap: float = 30.0) -> None:
+        self.driver = driver
+        self.device = driver.device_id
+        self.interval = interval
+        self.connect_timeout = timeout
+        # Safety net around a whole cycle; each request already has its own timeout in the driver.
+        self.read_timeout = timeout * max(requests, 1) + 1.0
+        self.out = out
+        self.metrics = metrics
+        self.backoff = Backoff(cap=backoff_cap)
+        self.log = get(device=self.device)
+        self.connected = False
+        self.last_error: str | None = None
+        self._down_since: float | None = None
+        self._failures = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._connect()
+                    await self._poll_loop()
+                except DriverError as exc:
+                    await self._failed(exc.kind, str(exc))
+                except TimeoutError:
+                    await self._failed("timeout", f"{self.device}: no answer within the device timeout")
+                await self.driver.close()
+                await asyncio.sleep(self.backoff.next())
+        finally:
+            self.metrics.device_connected.labels(self.device).set(0)
+            await self.driver.close()
+
+    async def _connect(self) -> None:
+        async with asyncio.timeout(self.connect_timeout + 1.0):
+            await self.driver.connect()
+        self.connected = True
+        self.metrics.device_connected.labels(self.device).set(1)
+
+    async def _poll_loop(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            started = time.monotonic()
+            async with asyncio.timeout(self.read_timeout):
+                result = await self.driver.read()
+            elapsed = time.monotonic() - started
+            self.metrics.polls.labels(self.device).inc()
+            self.metrics.poll_latency.labels(self.device).observe(elapsed)
+            for err in getattr(result, "errors", ()):
+                self.metrics.poll_errors.labels(self.device, err.kind).inc()
+            self._recovered()
+            await self.out.put(DeviceBatch(self.device, result))
+            next_at += self.interval
+            now = time.monotonic()
+            if next_at < now:  # fixed rate; a cycle that overran skips the missed ticks
+                missed = int((now - next_at) / self.interval) + 1
+                self.metrics.poll_overruns.labels(self.device).inc(missed)
+                next_at += missed * self.interval
+            await asyncio.sleep(next_at - now)
+
+    async def _failed(self, kind: str, message: str) -> None:
+        self.connected = False
+        self.metrics.device_connected.labels(self.device).set(0)
+        self.metrics.poll_errors.labels(self.device, kind).inc()
+        self._failures += 1
+        changed = message != self.last_error
+        self.last_error = message
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.log.error("device failed", kind=kind, error=message)
+        else:
+            self.log.debug("device still failing", kind=kind, error=message, failures=self._failures)
+        if changed:  # tags go bad once per distinct failure, not once per retry
+            await self.out.put(DeviceBatch(self.device, self.driver.bad(f"{kind}: {message}", time.time())))
+
+    def _recovered(self) -> None:
+        self.backoff.reset()
+        if self._down_since is not None:
+            self.log.warning("device recovered", failures=self._failures,
+                             outage_s=round(time.monotonic() - self._down_since, 3))
+            self._down_since, self._failures, self.last_error = None, 0, None

@@ -1,0 +1,173 @@
+"""MQTT publisher (aiomqtt 2.x): the only module that imports aiomqtt.
+
+One connection at a time, rebuilt in a loop with jittered backoff. On every connect: birth
+``online`` (retained; the Will says ``offline``), the latest retained state of every asset, then
+the buffer from its oldest row, in ``seq`` order, with at most ``max_inflight`` QoS 1 messages
+awaiting PUBACK. A row is deleted only after its PUBACK. State snapshots go before backlog rows, so
+live state is never queued behind an outage's backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+
+import aiomqtt
+
+from . import codec
+from .backoff import Backoff
+from .buffer import Buffer, Row
+from .codec import Topics
+from .logs import get
+from .metrics import Metrics
+from .tagmap import MqttConfig
+
+
+class Publisher:
+    def __init__(self, *, cfg: MqttConfig, gateway_id: str, boot_id: str, version: str,
+                 buffer: Buffer, metrics: Metrics, password: str | None = None) -> None:
+        self.cfg = cfg
+        self.gateway_id, self.boot_id, self.version = gateway_id, boot_id, version
+        self.buffer = buffer
+        self.metrics = metrics
+        self.password = password
+        self.topics = Topics(cfg.topic_prefix, gateway_id)
+        self.connected = False
+        self.last_error: str | None = None
+        self.log = get(component="publisher", broker=f"{cfg.host}:{cfg.port}")
+        self._wake = asyncio.Event()
+        self._dirty: set[str] = set()  # state topics to (re)publish
+        self._states: dict[str, bytes] = {}
+        self._acked: list[int] = []
+        self._stopping = asyncio.Event()
+        self._backoff = Backoff(cap=cfg.reconnect_max)
+
+    # -- called by the pipeline --------------------------------------------------------------
+    def notify(self, states: Iterable[tuple[str, bytes]] = ()) -> None:
+        """New rows are in the buffer; ``states`` are snapshots the pipeline just committed."""
+        for topic, payload in states:
+            self._states[topic] = payload
+            self._dirty.add(topic)
+        self._wake.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        self._states = {**dict(await self.buffer.states()), **self._states}
+        while not self._stopping.is_set():
+            try:
+                async with self._client() as client:
+                    self._connected(True)
+                    await self._session(client)
+            except* aiomqtt.MqttError as group:
+                self._connected(False, str(group.exceptions[0]))
+            await self._flush_acks()
+            if self._stopping.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._backoff.next()):
+                    await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Ask the session to publish ``offline`` and disconnect cleanly (the Will is not sent)."""
+        self._stopping.set()
+        self._wake.set()
+
+    def _client(self) -> aiomqtt.Client:
+        status = codec.status(online=False, gateway_id=self.gateway_id, version=self.version,
+                              boot_id=self.boot_id, ts=time.time())
+        client = aiomqtt.Client(
+            self.cfg.host, self.cfg.port,
+            identifier=self.cfg.client_id or f"edge-gateway-{self.gateway_id}",
+            username=self.cfg.username, password=self.password,
+            will=aiomqtt.Will(self.topics.status, status, qos=1, retain=True),
+            clean_session=True, keepalive=int(self.cfg.keepalive), timeout=self.cfg.publish_timeout,
+            max_inflight_messages=self.cfg.max_inflight,
+        )
+        client.pending_calls_threshold = self.cfg.max_inflight + 16
+        return client
+
+    def _connected(self, up: bool, error: str | None = None) -> None:
+        was = self.connected
+        self.connected = up
+        self.metrics.broker_connected.set(1 if up else 0)
+        if up:
+            self._backoff.reset()
+            self.last_error = None
+            self.log.info("broker connected", backlog=self.buffer.rows)
+        else:
+            self.metrics.reconnects.inc()
+            if was or self.last_error is None:
+                self.log.error("broker connection lost" if was else "broker unreachable", error=error)
+            self.last_error = error
+
+    # -- one connection ----------------------------------------------------------------------
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await self._status(client, online=True)
+        self._dirty.update(self._states)  # retained state may be stale after an outage
+        async with asyncio.TaskGroup() as tg:
+            acker = tg.create_task(self._ack_loop(), name="publisher-acks")
+            try:
+                await self._drain(client, tg)
+            finally:
+                acker.cancel()
+        await self._status(client, online=False)
+
+    async def _drain(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+        window = asyncio.Semaphore(self.cfg.max_inflight)
+        cursor = 0
+        while not self._stopping.is_set():
+            self._wake.clear()
+            await self._publish_states(client)
+            rows = await self.buffer.fetch(cursor, self.cfg.max_inflight)
+            if not rows:
+                await self._wake.wait()
+                continue
+            for row in rows:
+                await window.acquire()
+                tg.create_task(self._send(client, row, window))
+                cursor = row.seq
+        await self._wait_idle(window)
+
+    async def _wait_idle(self, window: asyncio.Semaphore) -> None:
+        for _ in range(self.cfg.max_inflight):
+            await window.acquire()
+
+    async def _send(self, client: aiomqtt.Client, row: Row, window: asyncio.Semaphore) -> None:
+        self.metrics.inflight.inc()
+        try:
+            await client.publish(row.topic, row.payload, qos=1, timeout=self.cfg.publish_timeout)
+        finally:
+            self.metrics.inflight.dec()
+            window.release()
+        self._acked.append(row.seq)
+        self.metrics.publishes.labels("telemetry").inc()
+        self.metrics.delivery_latency.observe(max(0.0, time.time() - row.created))
+
+    async def _publish_states(self, client: aiomqtt.Client) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        for topic in sorted(dirty):
+            payload = self._states.get(topic)
+            if payload is not None:
+                await client.publish(topic, payload, qos=1, retain=True, timeout=self.cfg.publish_timeout)
+                self.metrics.publishes.labels("state").inc()
+
+    async def _status(self, client: aiomqtt.Client, *, online: bool) -> None:
+        payload = codec.status(online=online, gateway_id=self.gateway_id, version=self.version,
+                               boot_id=self.boot_id, ts=time.time())
+        await client.publish(self.topics.status, payload, qos=1, retain=True,
+                             timeout=self.cfg.publish_timeout)
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        if self._acked:
+            acked, self._acked = self._acked, []
+            await self.buffer.delete(acked)
+            self.metrics.buffer_rows.set(self.buffer.rows)
