@@ -9,6 +9,7 @@ replaced in place: after an outage only the newest state matters.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,7 @@ class Buffer:
         self._db: aiosqlite.Connection | None = None
         self._next_seq = 1
         self.rows = 0
+        self._write = asyncio.Lock()  # one transaction at a time on the shared connection
 
     async def __aenter__(self) -> Buffer:
         await self.open()
@@ -104,28 +106,21 @@ class Buffer:
         if messages and messages[0][0] != self._next_seq:
             raise ValueError(f"first seq {messages[0][0]} is not next_seq {self._next_seq}")
         now = time.time()
-        db = self.db
-        await db.execute("BEGIN")
-        try:
-            await db.executemany(
-                "INSERT INTO outbox(seq, topic, payload, asset, created) VALUES (?, ?, ?, ?, ?)",
-                [(seq, topic, payload, asset, now) for seq, topic, payload, asset in messages],
+        async with self._write:
+            await self._transaction(
+                ("INSERT INTO outbox(seq, topic, payload, asset, created) VALUES (?, ?, ?, ?, ?)",
+                 [(seq, topic, payload, asset, now) for seq, topic, payload, asset in messages]),
+                ("INSERT INTO state(topic, payload, updated) VALUES (?, ?, ?) "
+                 "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, updated=excluded.updated",
+                 [(topic, payload, now) for topic, payload in states]),
             )
-            await db.executemany(
-                "INSERT INTO state(topic, payload, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, updated=excluded.updated",
-                [(topic, payload, now) for topic, payload in states],
-            )
-            await db.execute("COMMIT")
-        except sqlite3.Error:
-            await db.execute("ROLLBACK")
-            raise
         if messages:
             self._next_seq = messages[-1][0] + 1
             self.rows += len(messages)
 
     async def fetch(self, after: int, limit: int) -> list[Row]:
-        async with self.db.execute(
+        """Committed rows after ``after`` (never rows of a transaction still open)."""
+        async with self._write, self.db.execute(
             "SELECT seq, topic, payload, created FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         ) as cur:
@@ -134,15 +129,25 @@ class Buffer:
     async def delete(self, seqs: Sequence[int]) -> None:
         if not seqs:
             return
+        async with self._write:
+            changed = await self._transaction(("DELETE FROM outbox WHERE seq = ?", [(q,) for q in seqs]))
+        self.rows -= changed
+
+    async def _transaction(self, *statements: tuple[str, list[tuple[object, ...]]]) -> int:
+        """Run ``executemany`` statements in one transaction; return the rows they changed."""
         db = self.db
+        changed = 0
         await db.execute("BEGIN")
         try:
-            cur = await db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            for sql, params in statements:
+                if params:
+                    cur = await db.executemany(sql, params)
+                    changed += max(cur.rowcount, 0)
             await db.execute("COMMIT")
-        except sqlite3.Error:
+        except BaseException:
             await db.execute("ROLLBACK")
             raise
-        self.rows -= max(cur.rowcount, 0)
+        return changed
 
     async def states(self) -> list[tuple[str, bytes]]:
         async with self.db.execute("SELECT topic, payload FROM state ORDER BY topic") as cur:

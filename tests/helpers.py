@@ -1,0 +1,120 @@
+"""Test helpers: real broker subscribers, a gateway run in-process, waiting for conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiomqtt
+import jsonschema
+
+from gateway.app import Gateway
+from gateway.settings import Settings
+from gateway.tagmap import TagMap
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "gateway" / "schemas"
+
+
+def schema(name: str) -> dict[str, object]:
+    return json.loads((SCHEMAS / f"{name}.json").read_text())
+
+
+def validate(name: str, payload: object) -> None:
+    jsonschema.validate(payload, schema(name))
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(step)
+
+
+@dataclass
+class Message:
+    topic: str
+    data: dict[str, object]
+    retain: bool
+    received: float
+
+
+@dataclass
+class Collector:
+    """A subscriber on the real broker that keeps every message; reconnects on its own.
+
+    With ``persistent=True`` it uses a fixed client id and a persistent session, so a broker with
+    persistence keeps queueing QoS 1 messages for it while it is disconnected.
+    """
+
+    port: int
+    topic: str
+    persistent: bool = False
+    messages: list[Message] = field(default_factory=list)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    identifier: str = field(default_factory=lambda: f"collector-{time.monotonic_ns()}")
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.port, identifier=self.identifier,
+                    clean_session=not self.persistent, keepalive=5,
+                ) as client:
+                    await client.subscribe(self.topic, qos=1)
+                    self.connected.set()
+                    async for msg in client.messages:
+                        assert isinstance(msg.payload, bytes)
+                        self.messages.append(
+                            Message(str(msg.topic), json.loads(msg.payload), bool(msg.retain), time.time())
+                        )
+            except aiomqtt.MqttError:
+                self.connected.clear()
+                await asyncio.sleep(0.1)
+
+    def leaf(self, leaf: str) -> list[Message]:
+        return [m for m in self.messages if m.topic.endswith("/" + leaf)]
+
+
+@contextlib.asynccontextmanager
+async def collecting(port: int, topic: str, *, persistent: bool = False) -> AsyncIterator[Collector]:
+    collector = Collector(port, topic, persistent)
+    task = asyncio.create_task(collector.run())
+    try:
+        async with asyncio.timeout(10):
+            await collector.connected.wait()
+        yield collector
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def running(tag_map: TagMap, buffer: Path) -> AsyncIterator[Gateway]:
+    gateway = Gateway(tag_map, Settings(), buffer_path=buffer)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            await gateway.ready.wait()
+        yield gateway
+    finally:
+        stop.set()
+        async with asyncio.timeout(15):
+            await task
+
+
+def tune(tag_map: TagMap, *, interval: float | None = None, timeout: float | None = None,
+         reconnect_max: float | None = None) -> TagMap:
+    """A copy of ``tag_map`` with faster polling / shorter timeouts for tests."""
+    dev_update = {k: v for k, v in (("interval", interval), ("timeout", timeout)) if v is not None}
+    update: dict[str, object] = {"devices": [d.model_copy(update=dev_update) for d in tag_map.devices]}
+    if reconnect_max is not None:
+        update["mqtt"] = tag_map.mqtt.model_copy(update={"reconnect_max": reconnect_max})
+    return tag_map.model_copy(update=update)
