@@ -20,10 +20,11 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTERS, DataType, Order, Table
 
-from .yamlsource import Document, Loc, Problem, SourceError, format_path, load
+from .yamlsource import Document, Loc, Problem, SourceError, format_path, load, parse
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -42,7 +43,8 @@ def _duration(value: object) -> object:
 
 Duration = Annotated[float, BeforeValidator(_duration)]
 Interval = Annotated[float, BeforeValidator(_duration), Field(ge=0.01, le=86400)]
-Identifier = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+Identifier = Annotated[str, Field(pattern=_ID_PATTERN)]
 TopicPart = Annotated[str, Field(pattern=r"^[^#+\s]+(/[^#+\s/]+)*$")]
 
 
@@ -205,23 +207,43 @@ class TagMap(Frozen):
 
 def load_tag_map(path: Path | str, display: str | None = None) -> TagMap:
     """Load and validate; raise SourceError listing every problem with file, line and field."""
-    doc = load(Path(path), display)
+    return _validate(load(Path(path), display))
+
+
+def load_tag_map_text(text: str, name: str) -> TagMap:
+    """Validate a tag map given as text; ``name`` is how errors refer to it."""
+    return _validate(parse(text, name))
+
+
+def _validate(doc: Document) -> TagMap:
     try:
         tag_map = TagMap.model_validate(doc.data)
     except ValidationError as exc:
-        raise SourceError([_problem(doc, tuple(e["loc"]), _message(e)) for e in exc.errors()]) from None
+        raise SourceError([_problem(doc, _loc(e), _message(e)) for e in exc.errors()]) from None
     problems = [_problem(doc, loc, msg) for loc, msg in cross_check(tag_map)]
     if problems:
         raise SourceError(problems)
     return tag_map
 
 
-def _message(err: dict[str, object]) -> str:
-    kind = err["type"]
+def _loc(err: ErrorDetails) -> Loc:
+    loc = tuple(err["loc"])
+    return (*loc, "protocol") if err["type"] == "union_tag_invalid" else loc
+
+
+def _message(err: ErrorDetails) -> str:
+    kind, loc = err["type"], err["loc"]
     if kind == "extra_forbidden":
+        if loc and loc[-1] == "password":
+            return "unknown key: secrets stay out of the tag map (EDGE_GATEWAY_MQTT_PASSWORD or password_file)"
         return "unknown key"
     if kind == "missing":
         return "required"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx") or {}
+        return f"unknown protocol {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+    if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == _ID_PATTERN:
+        return f"{err['input']!r} is not an id: lowercase letters, digits, - and _, at most 63"
     msg = str(err["msg"])
     return msg.removeprefix("Value error, ")
 

@@ -78,18 +78,23 @@ def load(path: Path, display: str | None = None) -> Document:
 
 
 def parse(text: str, name: str) -> Document:
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         raise SourceError([Problem(name, line, "", f"YAML syntax: {exc.problem}")]) from exc
-    except yaml.YAMLError as exc:
-        raise SourceError([Problem(name, 1, "", f"YAML: {exc}")]) from exc
+    except yaml.YAMLError as exc:  # e.g. a control character the YAML reader refuses
+        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        raise SourceError([Problem(name, line, "", f"YAML: {exc}".splitlines()[0])]) from exc
+    except RecursionError as exc:
+        raise SourceError([Problem(name, 1, "", "YAML nested too deeply")]) from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     doc = Document(name, data)
     problems: list[Problem] = []
     if node is not None:
