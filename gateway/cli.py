@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="simulators + broker + gateway, with a live view")
     p.add_argument("--config", type=Path)
     p.add_argument("--duration", type=float, default=None, help="seconds (default: until Ctrl-C)")
+    p.add_argument("--broker", choices=["auto", "mosquitto", "embedded"], default="auto",
+                   help="auto: Mosquitto when installed, else the embedded demo broker")
 
     args = parser.parse_args(argv)
     settings = Settings()
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda stop: simulate(tag_map, seed=args.seed, time_scale=args.time_scale, shutdown=stop)))
     from .demo import demo
 
-    return asyncio.run(_with_signals(lambda stop: demo(tag_map, duration=args.duration, shutdown=stop)))
+    return asyncio.run(_with_signals(lambda stop: demo(tag_map, duration=args.duration, broker=args.broker, shutdown=stop)))
 
 
 def _load_or_exit(path: Path) -> TagMap:

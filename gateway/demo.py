@@ -66,7 +66,8 @@ async def simulate(tag_map: TagMap, *, seed: int, time_scale: float, shutdown: a
     return 0
 
 
-async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Event) -> int:
+async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Event,
+               broker: str = "auto") -> int:
     from .app import Gateway
     from .logs import configure
     from .settings import Settings
@@ -75,19 +76,19 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
     workdir = Path(tempfile.mkdtemp(prefix="edge-gateway-demo-"))
     mosquitto: Mosquitto | None = None
     mini: MiniBroker | None = None
-    if find_mosquitto():
+    if broker == "mosquitto" or (broker == "auto" and find_mosquitto()):
         mosquitto = Mosquitto(workdir=workdir)
         mosquitto.start()
-        port, broker = mosquitto.port, f"mosquitto (pid {mosquitto.proc.pid if mosquitto.proc else '?'})"
+        port, name = mosquitto.port, f"mosquitto (pid {mosquitto.proc.pid if mosquitto.proc else '?'})"
     else:
         mini = MiniBroker()
         await mini.start()
-        port, broker = mini.port, "embedded demo broker (install mosquitto for the real thing)"
+        port, name = mini.port, "embedded demo broker (install mosquitto for the real thing)"
     stations = stations_for(tag_map, any_port=True, time_scale=DEMO_TIME_SCALE)
     for st in stations.values():
         await st.start()
     tm = with_endpoints(tag_map, mqtt_port=port, stations=stations)
-    print(f"broker: {broker} on 127.0.0.1:{port}")
+    print(f"broker: {name} on 127.0.0.1:{port}")
     print(f"stations: {', '.join(f'{k}@{s.port}' for k, s in stations.items())}")
     print(f"buffer: {workdir / 'buffer.sqlite'}")
     print(f"subscribed to {tm.mqtt.topic_prefix}/#  (Ctrl-C to stop)\n", flush=True)

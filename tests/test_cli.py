@@ -1,0 +1,79 @@
+"""The console script as users run it: a subprocess, stopped by its pid."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.brokers import Mosquitto
+from gateway.tagmap import TagMap
+from simulators.stations import Station
+
+from .conftest import PLANT, ROOT
+from .helpers import collecting, validate, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _map_file(tmp_path: Path, stations: dict[str, Station], mqtt_port: int) -> Path:
+    text = PLANT.read_text().replace("port: 1883", f"port: {mqtt_port}")
+    for i, dev in enumerate(["filling-1-plc", "labeling-1-plc", "capping-1-plc", "packaging-1-plc", "powder-1-plc"]):
+        text = text.replace(f"port: {5020 + i},", f"port: {stations[dev].port},")
+    path = tmp_path / "plant.yaml"
+    path.write_text(text)
+    return path
+
+
+async def test_run_publishes_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, stations: dict[str, Station], mosquitto: Mosquitto, plant_map: TagMap
+) -> None:
+    config = _map_file(tmp_path, stations, mosquitto.port)
+    env = {**os.environ, "EDGE_GATEWAY_BUFFER_PATH": str(tmp_path / "buffer.sqlite"),
+           "EDGE_GATEWAY_LOG_FORMAT": "json"}
+    prefix = plant_map.mqtt.topic_prefix
+    async with collecting(mosquitto.port, f"{prefix}/#") as sub:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(config),
+            env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_until(lambda: len(sub.leaf("telemetry")) >= 10, 20, "telemetry from the subprocess")
+        finally:
+            os.kill(proc.pid, signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+        await wait_until(lambda: sub.leaf("status") and sub.leaf("status")[-1].data["state"] == "offline",
+                         5, "offline status")
+    assert proc.returncode == 0, stderr.decode()
+    log = stderr.decode()
+    assert '"event": "gateway stopped"' in log, log  # JSON log lines when not on a terminal
+    for msg in sub.leaf("telemetry"):
+        validate("telemetry", msg.data)
+    assert (tmp_path / "buffer.sqlite").exists()
+
+
+@pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
+def test_demo_shows_live_values(broker: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "demo", "--duration", "4", "--broker", broker],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "gateway edge-01 is online" in out
+    for station in ("filling-1", "labeling-1", "capping-1", "packaging-1", "powder-1"):
+        assert f"  {station} " in out, out
+    assert "telemetry messages; poll-to-subscriber latency" in out
+
+
+def test_check_exit_codes() -> None:
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check", str(PLANT)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "requests per cycle: 20" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "gateway", "check", str(ROOT / "tests/tagmaps/bad_count.yaml")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad_count.yaml:10: assets[0].tags.units_total" in bad.stderr

@@ -1,0 +1,167 @@
+"""The Modbus driver and the poller against the bundled station simulator, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+
+from drivers import DeviceTimeout, DeviceUnreachable
+from drivers.modbus.driver import ModbusTcpDriver
+from drivers.registry import build_driver
+from gateway.brokers import free_port
+from gateway.demo import with_endpoints
+from gateway.metrics import Metrics
+from gateway.model import Quality
+from gateway.poller import DeviceBatch, Poller
+from gateway.tagmap import TagMap
+from simulators.stations import Kind, Station
+
+from .helpers import tune, wait_until
+
+DEVICE = "filling-1-plc"
+
+
+@pytest.fixture
+async def station() -> AsyncIterator[Station]:
+    s = Station(DEVICE, Kind.FILLING, seed=7)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+def _driver(plant_map: TagMap, station: Station, timeout: float = 0.3) -> ModbusTcpDriver:
+    tm = tune(with_endpoints(plant_map, stations={DEVICE: station}), timeout=timeout)
+    driver = build_driver(tm, DEVICE)
+    assert isinstance(driver, ModbusTcpDriver)
+    return driver
+
+
+async def test_reads_every_tag_as_the_plc_holds_it(plant_map: TagMap, station: Station) -> None:
+    station.freeze()
+    driver = _driver(plant_map, station)
+    await driver.connect()
+    try:
+        readings = await driver.read()
+    finally:
+        await driver.close()
+    snap = station.snapshot()
+    assert len(readings) == 22 and not readings.errors
+    for r in readings:
+        assert r.quality is Quality.GOOD, r
+        want = snap[r.tag]
+        if r.tag == "status":
+            assert r.value == "running"
+        elif isinstance(want, float):
+            assert math.isclose(r.value, want, rel_tol=1e-6), r  # type: ignore[arg-type]
+        else:
+            assert r.value == want, r
+
+
+async def test_exception_code_marks_tags_bad_and_keeps_the_connection(plant_map: TagMap, station: Station) -> None:
+    driver = _driver(plant_map, station)
+    await driver.connect()
+    try:
+        station.faults.exception = 4
+        result = await driver.read()
+        assert [e.kind for e in result.errors] == ["exception"] * 4
+        assert all(r.quality is Quality.BAD and "exception 4 (server device failure)" in (r.reason or "")
+                   for r in result)
+        station.faults.clear()
+        again = await driver.read()  # same connection: an exception reply is a valid reply
+        assert all(r.quality is Quality.GOOD for r in again) and not again.errors
+    finally:
+        await driver.close()
+
+
+async def test_timeout_drops_the_connection_before_the_next_request(plant_map: TagMap, station: Station) -> None:
+    """A reply that arrives late must never be read as the answer to a later request."""
+    station.freeze()
+    driver = _driver(plant_map, station, timeout=0.2)
+    await driver.connect()
+    try:
+        station.faults.delay = 0.5
+        with pytest.raises(DeviceTimeout, match="no reply in 0.2s"):
+            await driver.read()
+        with pytest.raises(DeviceUnreachable, match="not connected"):
+            await driver.read()
+        station.faults.clear()
+        await asyncio.sleep(0.6)  # the late replies are on their way to a closed socket
+        await driver.connect()
+        result = await driver.read()
+    finally:
+        await driver.close()
+    snap = station.snapshot()
+    assert {r.tag: r.value for r in result}["units_total"] == snap["units_total"]
+    assert all(r.quality is Quality.GOOD for r in result)
+
+
+async def test_unmapped_addresses_fail_only_their_request(plant_map: TagMap, station: Station) -> None:
+    tm = with_endpoints(plant_map, stations={DEVICE: station})
+    asset = tm.asset("filling-1")
+    extra = asset.tags["error_count"].model_copy(update={"address": 200})  # beyond the PLC's map
+    tags = {**asset.tags, "missing": extra}
+    tm = tm.model_copy(update={"assets": [asset.model_copy(update={"tags": tags})]})
+    driver = build_driver(tm, DEVICE)
+    await driver.connect()
+    try:
+        result = await driver.read()
+    finally:
+        await driver.close()
+    by_tag = {r.tag: r for r in result}
+    assert by_tag["missing"].quality is Quality.BAD
+    assert "exception 2 (illegal data address)" in (by_tag["missing"].reason or "")
+    assert by_tag["units_total"].quality is Quality.GOOD
+    assert len(result.errors) == 1
+
+
+async def test_connection_refused_is_unreachable(plant_map: TagMap) -> None:
+    dead = Station(DEVICE, Kind.FILLING, port=free_port())  # never started: nothing listens
+    driver = _driver(plant_map, dead)
+    with pytest.raises(DeviceUnreachable, match="cannot connect"):
+        await driver.connect()
+
+
+async def test_poller_marks_tags_bad_while_down_and_recovers(plant_map: TagMap, station: Station) -> None:
+    tm = tune(with_endpoints(plant_map, stations={DEVICE: station}), interval=0.05, timeout=0.2)
+    queue: asyncio.Queue[DeviceBatch | None] = asyncio.Queue()
+    metrics = Metrics()
+    driver = build_driver(tm, DEVICE)
+    poller = Poller(driver=driver, interval=0.05, timeout=0.2, requests=4, out=queue, metrics=metrics,
+                    backoff_cap=0.2)
+    batches: list[DeviceBatch] = []
+
+    async def drain() -> None:
+        while True:
+            item = await queue.get()
+            assert item is not None
+            batches.append(item)
+
+    tasks = [asyncio.create_task(poller.run()), asyncio.create_task(drain())]
+    try:
+        await wait_until(lambda: poller.connected and len(batches) >= 3, 5, "first polls")
+        port = station.port
+        await station.stop()
+        await wait_until(lambda: poller.last_error is not None, 5, "the outage to be noticed")
+        bad = [b for b in batches if all(r.quality is Quality.BAD for r in b.readings)]
+        assert bad and bad[-1].readings[0].reason
+        assert metrics.device_connected.labels(DEVICE)._value.get() == 0
+        errors_so_far = sum(s.value for m in metrics.poll_errors.collect() for s in m.samples
+                            if s.name.endswith("_total"))
+        assert errors_so_far >= 1
+        restarted = Station(DEVICE, Kind.FILLING, port=port)
+        await restarted.start()
+        try:
+            n = len(batches)
+            await wait_until(lambda: poller.last_error is None and len(batches) > n + 2, 10, "recovery")
+            assert all(r.quality is Quality.GOOD for r in batches[-1].readings)
+        finally:
+            await restarted.stop()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
