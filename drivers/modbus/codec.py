@@ -96,7 +96,7 @@ class RegisterFormat:
         else:
             try:
                 raw = struct.pack(">" + self.type.struct_code, value)
-            except struct.error as exc:
+            except (struct.error, OverflowError) as exc:  # OverflowError: float32 out of range
                 raise EncodeError(f"{value!r} does not fit {self.type}") from exc
         return bytes_to_registers(_reorder(raw, self.byte_order, self.word_order))
 
