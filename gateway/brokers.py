@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -54,7 +55,10 @@ class Mosquitto:
             "autosave_interval 0\n"
             "max_queued_messages 0\n"
             "max_inflight_messages 0\n"
-            "log_dest stderr\n"
+            # As root, Mosquitto would switch to the user "mosquitto", which cannot write to a
+            # private temporary directory: its persistence would silently not work.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "log_dest stderr\n"
             "log_type error\n"
             + extra
         )
@@ -70,10 +74,10 @@ class Mosquitto:
             wait_port(self.host, self.port)
         except TimeoutError:
             self.stop()
-            log = (self.workdir / "mosquitto.log").read_text(errors="replace")
-            raise RuntimeError(f"mosquitto did not start on port {self.port}: {log}") from None
+            raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()}") from None
 
     def stop(self) -> None:
+        """SIGTERM (Mosquitto saves its persistence file), then raise if it logged an error."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -83,6 +87,13 @@ class Mosquitto:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        errors = [line for line in self.log().splitlines() if "Error:" in line]
+        if errors:
+            raise RuntimeError(f"mosquitto on port {self.port} logged errors: {errors[:3]}")
+
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def __enter__(self) -> Mosquitto:
         self.start()

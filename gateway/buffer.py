@@ -107,7 +107,7 @@ class Buffer:
             raise ValueError(f"first seq {messages[0][0]} is not next_seq {self._next_seq}")
         now = time.time()
         async with self._write:
-            await self._transaction(
+            await self._committed(
                 ("INSERT INTO outbox(seq, topic, payload, asset, created) VALUES (?, ?, ?, ?, ?)",
                  [(seq, topic, payload, asset, now) for seq, topic, payload, asset in messages]),
                 ("INSERT INTO state(topic, payload, updated) VALUES (?, ?, ?) "
@@ -130,8 +130,16 @@ class Buffer:
         if not seqs:
             return
         async with self._write:
-            changed = await self._transaction(("DELETE FROM outbox WHERE seq = ?", [(q,) for q in seqs]))
+            changed = await self._committed(("DELETE FROM outbox WHERE seq = ?", [(q,) for q in seqs]))
         self.rows -= changed
+
+    async def _committed(self, *statements: tuple[str, list[tuple[object, ...]]]) -> int:
+        """A transaction that runs to its end even if the caller is cancelled meanwhile.
+
+        Cancelling a coroutine between COMMIT being sent and its reply would leave the caller
+        not knowing whether the rows are stored, and a ROLLBACK after it would fail.
+        """
+        return await asyncio.shield(self._transaction(*statements))
 
     async def _transaction(self, *statements: tuple[str, list[tuple[object, ...]]]) -> int:
         """Run ``executemany`` statements in one transaction; return the rows they changed."""

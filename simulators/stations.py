@@ -99,9 +99,10 @@ class Faults:
     delay: float = 0.0  # seconds before answering
     exception: int | None = None  # answer with this Modbus exception code
     hang: bool = False  # accept requests and never answer
+    mangle: Callable[[bytes], bytes] | None = None  # rewrite each reply frame (MBAP + PDU) on the wire
 
     def clear(self) -> None:
-        self.delay, self.exception, self.hang = 0.0, None, False
+        self.delay, self.exception, self.hang, self.mangle = 0.0, None, False, None
 
 
 @dataclass
@@ -213,7 +214,7 @@ class Station:
             ),
             action=self._on_request,
         )
-        self._server = ModbusTcpServer(device, address=(self.host, self.port))
+        self._server = ModbusTcpServer(device, address=(self.host, self.port), trace_packet=self._on_packet)
         await self._server.serve_forever(background=True)
         self.port = self._server.transport.sockets[0].getsockname()[1]
         runtime = self._server.context.devices[self.unit]
@@ -269,6 +270,10 @@ class Station:
             regs = f.fmt.encode(raw)
             block[f.address : f.address + len(regs)] = regs
         self._snapshot = values
+
+    def _on_packet(self, sending: bool, data: bytes) -> bytes:
+        mangle = self.faults.mangle
+        return mangle(data) if sending and mangle is not None else data
 
     async def _on_request(self, _fc: int, _start: int, _address: int, _count: int,
                           _registers: list[int], _values: object) -> ExcCodes | None:

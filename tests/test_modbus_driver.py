@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -165,3 +166,54 @@ async def test_poller_marks_tags_bad_while_down_and_recovers(plant_map: TagMap, 
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _wrong_function(frame: bytes) -> bytes:
+    """Answer a holding-register read (FC 3) as if it were an input-register read (FC 4)."""
+    return frame[:7] + bytes([4]) + frame[8:] if frame[7] == 3 else frame
+
+
+def _one_register_short(frame: bytes) -> bytes:
+    """Drop the last register of a register read and fix the lengths, so the frame is well formed."""
+    mbap, fc, byte_count, data = frame[:7], frame[7], frame[8], frame[9:]
+    if fc not in (3, 4):
+        return frame
+    pdu = bytes([fc, byte_count - 2]) + data[:-2]
+    return mbap[:4] + (1 + len(pdu)).to_bytes(2, "big") + mbap[6:7] + pdu  # MBAP length: unit + PDU
+
+
+@pytest.mark.parametrize(("mangle", "message"), [
+    (_wrong_function, "function code 4 to a request with 3"),
+    (_one_register_short, "35 values in reply to unit 1 holding 0+36"),
+])
+async def test_reply_that_does_not_match_the_request_is_rejected(
+    plant_map: TagMap, station: Station, mangle: object, message: str
+) -> None:
+    from drivers import BadReply
+
+    driver = _driver(plant_map, station)
+    await driver.connect()
+    try:
+        station.faults.mangle = mangle  # type: ignore[assignment]
+        with pytest.raises(BadReply, match=re.escape(message)):
+            await driver.read()
+        with pytest.raises(DeviceUnreachable, match="not connected"):
+            await driver.read()  # a bad reply drops the connection like a timeout does
+    finally:
+        station.faults.clear()
+        await driver.close()
+
+
+async def test_dropped_connection_is_reported_and_reconnects(plant_map: TagMap, station: Station) -> None:
+    driver = _driver(plant_map, station)
+    await driver.connect()
+    try:
+        assert len(await driver.read()) == 22
+        station.drop_connections()
+        await asyncio.sleep(0.05)
+        with pytest.raises((DeviceUnreachable, DeviceTimeout)):
+            await driver.read()
+        await driver.connect()
+        assert all(r.quality is Quality.GOOD for r in await driver.read())
+    finally:
+        await driver.close()

@@ -133,3 +133,35 @@ async def test_hanging_station_does_not_slow_the_others(
     for dev, n in during.items():
         if dev != hung:
             assert n >= 0.9 * baseline[dev], f"{dev}: {n} polls while {hung} hung vs {baseline[dev]} before"
+
+
+async def test_seq_and_backlog_survive_a_restart(
+    live_map: TagMap, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Run 1 publishes, run 2 polls with the broker down and stops; run 3 delivers run 2's backlog."""
+    tm = tune(live_map, interval=0.1, reconnect_max=0.5)
+    buffer = tmp_path / "b.sqlite"
+    prefix = tm.mqtt.topic_prefix
+    async with collecting(mosquitto.port, f"{prefix}/+/+/telemetry", persistent=True) as sub:
+        async with running(tm, buffer):
+            await wait_until(lambda: len(sub.messages) >= 10, 10, "first run's telemetry")
+        mosquitto.stop()
+        async with running(tm, buffer) as gw:
+            assert gw.publisher is not None
+            await wait_until(lambda: gw.publisher.buffer.rows >= 50, 10, "a backlog with the broker down")
+        offline_last = gw.publisher.buffer.next_seq - 1
+        mosquitto.start()
+
+        def received() -> set[int]:
+            return {int(m.data["seq"]) for m in sub.messages}  # type: ignore[call-overload]
+
+        async with running(tm, buffer) as gw:
+            try:
+                await wait_until(lambda: received() >= set(range(1, offline_last + 1)), 20,
+                                 f"every seq up to {offline_last}, the last of the run without a broker")
+            except AssertionError:
+                raise AssertionError(f"missing: {sorted(set(range(1, offline_last + 1)) - received())}") from None
+    seqs = sorted(received())
+    assert seqs == list(range(1, seqs[-1] + 1)), "one gapless seq across three runs"
+    boot_ids = {m.data["boot_id"] for m in sub.messages}
+    assert len(boot_ids) == 3, "each run has its own boot_id"
