@@ -20,7 +20,6 @@ from .brokers import Mosquitto, find_mosquitto
 from .minibroker import MiniBroker
 from .tagmap import ModbusTcpDevice, TagMap
 
-
 DEMO_TIME_SCALE = 20.0  # plant time runs 20x faster in the demo, so counters visibly move and wrap
 
 

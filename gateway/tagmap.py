@@ -283,13 +283,13 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
 
 def _duplicates(tm: TagMap) -> list[tuple[Loc, str]]:
     issues: list[tuple[Loc, str]] = []
-    for section, items in (("devices", tm.devices), ("assets", tm.assets)):
+    for section, ids in (("devices", [d.id for d in tm.devices]), ("assets", [a.id for a in tm.assets])):
         first: dict[str, int] = {}
-        for i, item in enumerate(items):
-            if item.id in first:
-                issues.append(((section, i, "id"), f"duplicate id {item.id!r} (also {section}[{first[item.id]}])"))
+        for i, id_ in enumerate(ids):
+            if id_ in first:
+                issues.append(((section, i, "id"), f"duplicate id {id_!r} (also {section}[{first[id_]}])"))
             else:
-                first[item.id] = i
+                first[id_] = i
     return issues
 
 

@@ -216,15 +216,15 @@ class Station:
         )
         self._server = ModbusTcpServer(device, address=(self.host, self.port), trace_packet=self._on_packet)
         await self._server.serve_forever(background=True)
-        self.port = self._server.transport.sockets[0].getsockname()[1]
-        runtime = self._server.context.devices[self.unit]
+        self.port = self._server.transport.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        runtime = self._server.context.devices[self.unit]  # type: ignore[union-attr]
         self._blocks = {k: runtime.block[k][2] for k in ("c", "d", "h", "i")}
         self._t0 = self._clock()
         self._write(self.model.values())
 
     async def stop(self) -> None:
         if self._server is not None:
-            await self._server.shutdown()
+            await self._server.shutdown()  # type: ignore[no-untyped-call]
             self._server = None
 
     def drop_connections(self) -> None:

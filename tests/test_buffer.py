@@ -78,6 +78,5 @@ async def test_concurrent_appends_and_deletes_never_collide(tmp_path: Path) -> N
 
 
 async def test_wal_mode(tmp_path: Path) -> None:
-    async with Buffer(tmp_path / "b.sqlite") as buf:
-        async with buf.db.execute("PRAGMA journal_mode") as cur:
-            assert (await cur.fetchone()) == ("wal",)
+    async with Buffer(tmp_path / "b.sqlite") as buf, buf.db.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone()) == ("wal",)

@@ -286,7 +286,7 @@ def check_plan(points: list[Point], limits: Limits, reqs: list[ReadRequest]) -> 
     for r in reqs:
         assert r.points, "no empty request"
         assert 1 <= r.count <= limits.size(r.table)
-        assert 0 <= r.address and r.address + r.count <= ADDRESS_SPACE
+        assert r.address >= 0 and r.address + r.count <= ADDRESS_SPACE
         members = [by_key[k] for k, _ in r.points]
         for (_key, offset), p in zip(r.points, members, strict=True):
             assert (p.unit, p.table) == (r.unit, r.table)
