@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.model import Transform
+from gateway.tagmap import ModbusTag
 
 from . import Driver
 from .modbus.decode import TagSpec, register_format
@@ -24,7 +25,7 @@ def build_driver(tag_map: TagMap, device_id: str) -> Driver:
 def _modbus_tcp(tag_map: TagMap, device: ModbusTcpDevice) -> ModbusTcpDriver:
     specs = []
     for asset, name, tag in tag_map.bindings(device.id):
-        assert tag.table is not None and tag.address is not None  # the tag map guarantees both
+        assert isinstance(tag, ModbusTag)  # cross_check guarantees a Modbus device has Modbus tags
         fmt = register_format(
             tag.type, tag.count, tag.byte_order or device.byte_order,
             tag.word_order or device.word_order, tag.bit,

@@ -83,8 +83,8 @@ def check(path: Path) -> int:
         plan = build_driver(tm, device.id).describe_plan()
         total += len(plan)
         n = sum(1 for _ in tm.bindings(device.id))
-        print(f"device {device.id} ({device.protocol} {device.host}:{device.port} unit {device.unit}, "
-              f"every {device.interval:g}s): {n} tags in {len(plan)} requests per cycle")
+        print(f"device {device.id} ({device.describe()}, every {device.interval:g}s): "
+              f"{n} tags in {len(plan)} requests per cycle")
         for line in plan:
             print(f"    {line}")
     for asset in tm.assets:

@@ -16,10 +16,12 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     ValidationError,
     model_validator,
 )
+from pydantic import Tag as PydTag
 from pydantic_core import ErrorDetails
 
 from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTERS, DataType, Order, Table
@@ -95,21 +97,58 @@ class ModbusTcpDevice(Frozen):
     word_order: Order = Order.BIG
 
 
-Device = Annotated[ModbusTcpDevice, Field(discriminator="protocol")]
+    def describe(self) -> str:
+        return f"{self.protocol} {self.host}:{self.port} unit {self.unit}"
 
 
-class Tag(Frozen):
+class OpcUaSecurity(Frozen):
+    """OPC-UA secure channel. A configured mode is never downgraded to None."""
+
+    mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    policy: Literal["Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = "Basic256Sha256"
+    certificate: Path | None = Field(default=None, description="client certificate (DER or PEM)")
+    private_key: Path | None = Field(default=None, description="client private key (PEM)")
+    server_certificate: Path | None = Field(default=None, description="trusted server certificate")
+    application_uri: str | None = Field(
+        default=None, description="must equal the URI in the client certificate's subjectAltName"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> OpcUaSecurity:
+        if self.mode != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError(f"security mode {self.mode} needs certificate and private_key")
+        return self
+
+
+class OpcUaDevice(Frozen):
+    protocol: Literal["opcua"]
+    id: Identifier
+    endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^/\s]+(/.*)?$")]
+    mode: Literal["subscribe", "poll"] = "subscribe"
+    interval: Interval = 1.0
+    timeout: Annotated[float, BeforeValidator(_duration), Field(ge=0.05, le=60)] = 2.0
+    sampling_interval: Annotated[float, BeforeValidator(_duration), Field(ge=0, le=3600)] | None = Field(
+        default=None, description="server-side sampling; default: the interval"
+    )
+    queue_size: int = Field(default=10, ge=1, le=10000)
+    deadband_type: Literal["none", "absolute", "percent"] = Field(
+        default="none", description="server-side deadband of monitored items, from each tag's deadband"
+    )
+    max_nodes_per_read: int | None = Field(default=None, ge=1, description="default: the server's limit")
+    recheck: Duration = Field(default=5.0, ge=0.5, le=3600, description="re-resolve missing nodes this often")
+    username: str | None = None
+    password_file: Path | None = None
+    security: OpcUaSecurity = OpcUaSecurity()
+
+    def describe(self) -> str:
+        return f"opcua {self.endpoint} {self.mode}"
+
+
+Device = Annotated[ModbusTcpDevice | OpcUaDevice, Field(discriminator="protocol")]
+
+
+class TagBase(Frozen):
     device: Identifier
-    # Modbus addressing
-    table: Table | None = None
-    address: int | None = Field(default=None, ge=0, lt=ADDRESS_SPACE)
-    unit_id: int | None = Field(default=None, ge=0, le=255, description="overrides the device's unit")
-    type: DataType = DataType.UINT16
-    count: int | None = Field(default=None, ge=1, le=MAX_READ_REGISTERS)
-    bit: int | None = Field(default=None, ge=0, le=15)
-    byte_order: Order | None = None
-    word_order: Order | None = None
-    # engineering value
     scale: float = 1.0
     offset: float = 0.0
     enum: dict[int, str] | None = None
@@ -119,10 +158,23 @@ class Tag(Frozen):
     min: float | None = None
     max: float | None = None
 
+    def _check_range(self) -> None:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+
+
+class ModbusTag(TagBase):
+    table: Table
+    address: int = Field(ge=0, lt=ADDRESS_SPACE)
+    unit_id: int | None = Field(default=None, ge=0, le=255, description="overrides the device's unit")
+    type: DataType = DataType.UINT16
+    count: int | None = Field(default=None, ge=1, le=MAX_READ_REGISTERS)
+    bit: int | None = Field(default=None, ge=0, le=15)
+    byte_order: Order | None = None
+    word_order: Order | None = None
+
     @model_validator(mode="after")
-    def _layout(self) -> Tag:
-        if self.table is None or self.address is None:
-            raise ValueError("a Modbus tag needs table and address")
+    def _layout(self) -> ModbusTag:
         if self.table.is_bits:
             if self.type is not DataType.BOOL:
                 raise ValueError(f"{self.table} holds bits: type must be bool, not {self.type}")
@@ -145,16 +197,40 @@ class Tag(Frozen):
             raise ValueError(f"scale/offset do not apply to {self.type}")
         if self.enum is not None and not self.type.is_integer:
             raise ValueError("enum applies to integer types")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min {self.min} is above max {self.max}")
+        self._check_range()
         return self
 
     @property
     def registers(self) -> int:
         """Addresses the tag spans in its table (bits for coils/discretes)."""
-        if self.table is not None and self.table.is_bits:
+        if self.table.is_bits:
             return 1
         return self.count if self.count is not None else (self.type.width or 1)
+
+
+NODE_ID = r"^(nsu=[^;]+;|ns=\d+;)?(i=\d+|s=.+|g=[0-9a-fA-F-]{36}|b=[A-Za-z0-9+/=]+)$"
+
+
+class OpcUaTag(TagBase):
+    node: Annotated[str, Field(pattern=NODE_ID, description="nsu=<namespace uri>;s=... (preferred) or ns=2;s=...")]
+    type: Literal["bool", "int", "float", "string"] | None = Field(
+        default=None, description="expected value type; another type marks the tag bad"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OpcUaTag:
+        self._check_range()
+        return self
+
+
+def _tag_kind(data: object) -> str:
+    return "opcua" if isinstance(data, dict) and "node" in data else "modbus"
+
+
+Tag = Annotated[
+    Annotated[ModbusTag, PydTag("modbus")] | Annotated[OpcUaTag, PydTag("opcua")],
+    Discriminator(_tag_kind),
+]
 
 
 class Asset(Frozen):
@@ -226,8 +302,14 @@ def _validate(doc: Document) -> TagMap:
     return tag_map
 
 
+_UNION_TAGS = {"modbus", "opcua", "modbus_tcp"}
+
+
 def _loc(err: ErrorDetails) -> Loc:
-    loc = tuple(err["loc"])
+    """The error's location in the document: without the unions' discriminator values."""
+    raw = tuple(err["loc"])
+    loc = tuple(e for i, e in enumerate(raw)
+                if not (e in _UNION_TAGS and i >= 2 and raw[i - 2] in ("tags", "devices")))
     return (*loc, "protocol") if err["type"] == "union_tag_invalid" else loc
 
 
@@ -266,7 +348,11 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
             if device is None:
                 issues.append(((*loc, "device"), f"no device {tag.device!r} (devices: {', '.join(devices)})"))
                 continue
-            if tag.table is not None and tag.address is not None:
+            if isinstance(tag, OpcUaTag) != isinstance(device, OpcUaDevice):
+                want = "node" if isinstance(device, OpcUaDevice) else "table and address"
+                issues.append(((*loc, "device"), f"device {device.id!r} speaks {device.protocol}: its tags take {want}"))
+                continue
+            if isinstance(tag, ModbusTag) and isinstance(device, ModbusTcpDevice):
                 limit = device.max_bits if tag.table.is_bits else device.max_registers
                 if tag.registers > limit:
                     issues.append(((*loc, "count"), f"{tag.registers} registers exceed one read ({limit})"))
@@ -293,4 +379,5 @@ def _duplicates(tm: TagMap) -> list[tuple[Loc, str]]:
     return issues
 
 
-__all__ = ["Asset", "Device", "ModbusTcpDevice", "SourceError", "Tag", "TagMap", "load_tag_map"]
+__all__ = ["Asset", "Device", "ModbusTag", "ModbusTcpDevice", "OpcUaDevice", "OpcUaTag", "SourceError", "Tag",
+           "TagMap", "load_tag_map"]
