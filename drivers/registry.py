@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.model import Transform
-from gateway.tagmap import ModbusTag
+from gateway.settings import Settings
+from gateway.tagmap import ModbusTag, OpcUaDevice, OpcUaTag
 
 from . import Driver
 from .modbus.decode import TagSpec, register_format
@@ -15,11 +16,40 @@ from .modbus.planner import Limits
 if TYPE_CHECKING:
     from gateway.tagmap import ModbusTcpDevice, TagMap
 
+    from .opcua import OpcUaDriver
 
-def build_driver(tag_map: TagMap, device_id: str) -> Driver:
+
+def build_driver(tag_map: TagMap, device_id: str, settings: Settings | None = None) -> Driver:
     device = tag_map.device(device_id)
-    builders = {"modbus_tcp": _modbus_tcp}
-    return builders[device.protocol](tag_map, device)
+    if isinstance(device, OpcUaDevice):
+        return _opcua(tag_map, device, settings or Settings())
+    return _modbus_tcp(tag_map, device)
+
+
+def _opcua(tag_map: TagMap, device: OpcUaDevice, settings: Settings) -> OpcUaDriver:
+    from .opcua import OpcTagSpec, OpcUaDriver, Security
+
+    specs = []
+    for asset, name, tag in tag_map.bindings(device.id):
+        assert isinstance(tag, OpcUaTag)  # cross_check guarantees an OPC-UA device has OPC-UA tags
+        specs.append(OpcTagSpec(asset=asset.id, tag=name, node=tag.node,
+                                transform=Transform(tag.scale, tag.offset, tag.enum),
+                                expected=tag.type, deadband=tag.deadband))
+    password = None
+    if settings.opcua_password is not None:
+        password = settings.opcua_password.get_secret_value()
+    elif device.password_file is not None:
+        password = device.password_file.read_text(encoding="utf-8").strip()
+    sec = device.security
+    return OpcUaDriver(
+        device_id=device.id, endpoint=device.endpoint, mode=device.mode, interval=device.interval,
+        timeout=device.timeout, tags=specs, sampling_interval=device.sampling_interval,
+        queue_size=device.queue_size, deadband_type=device.deadband_type,
+        max_nodes_per_read=device.max_nodes_per_read, recheck=device.recheck,
+        username=device.username, password=password,
+        security=Security(sec.mode, sec.policy, sec.certificate, sec.private_key, sec.server_certificate,
+                          sec.application_uri),
+    )
 
 
 def _modbus_tcp(tag_map: TagMap, device: ModbusTcpDevice) -> ModbusTcpDriver:

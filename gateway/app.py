@@ -55,7 +55,7 @@ class Gateway:
             pipeline = Pipeline(tag_map=tm, buffer=buffer, queue=queue, boot_id=self.boot_id,
                                 metrics=self.metrics, on_commit=publisher.notify)
             for device in tm.devices:
-                driver = build_driver(tm, device.id)
+                driver = build_driver(tm, device.id, self.settings)
                 self.pollers[device.id] = Poller(
                     driver=driver, interval=device.interval, timeout=device.timeout,
                     requests=len(driver.describe_plan()), out=queue, metrics=self.metrics,

@@ -10,15 +10,17 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 import aiomqtt
 import orjson
 
+from simulators.reactors import ReactorServer
 from simulators.stations import Kind, Station
 
 from .brokers import Mosquitto, find_mosquitto
 from .minibroker import MiniBroker
-from .tagmap import ModbusTcpDevice, TagMap
+from .tagmap import ModbusTcpDevice, OpcUaDevice, TagMap
 
 DEMO_TIME_SCALE = 20.0  # plant time runs 20x faster in the demo, so counters visibly move and wrap
 
@@ -38,30 +40,53 @@ def stations_for(tag_map: TagMap, *, seed: int = 1, time_scale: float = 1.0,
     return out
 
 
+def reactors_for(tag_map: TagMap, *, seed: int = 1, time_scale: float = 1.0,
+                 any_port: bool = False) -> dict[str, ReactorServer]:
+    """A reactor simulator for every OPC-UA device of the map, on the endpoint's port (or any)."""
+    out = {}
+    for dev in tag_map.devices:
+        if isinstance(dev, OpcUaDevice):
+            url = urlparse(dev.endpoint)
+            out[dev.id] = ReactorServer(host=url.hostname or "127.0.0.1", port=0 if any_port else (url.port or 4840),
+                                        seed=seed, time_scale=time_scale)
+    return out
+
+
 def with_endpoints(tag_map: TagMap, *, mqtt_port: int | None = None,
-                   stations: dict[str, Station] | None = None) -> TagMap:
+                   stations: dict[str, Station] | None = None,
+                   reactors: dict[str, ReactorServer] | None = None) -> TagMap:
     """A copy of the map pointing at a local broker and at the simulators' actual ports."""
     update: dict[str, object] = {}
     if mqtt_port is not None:
         update["mqtt"] = tag_map.mqtt.model_copy(update={"host": "127.0.0.1", "port": mqtt_port})
-    if stations:
-        update["devices"] = [
-            d.model_copy(update={"host": stations[d.id].host, "port": stations[d.id].port})
-            if d.id in stations else d for d in tag_map.devices
-        ]
+    stations, reactors = stations or {}, reactors or {}
+    devices = []
+    for d in tag_map.devices:
+        if d.id in stations:
+            d = d.model_copy(update={"host": stations[d.id].host, "port": stations[d.id].port})
+        elif d.id in reactors:
+            d = d.model_copy(update={"endpoint": reactors[d.id].endpoint})
+        devices.append(d)
+    update["devices"] = devices
     return tag_map.model_copy(update=update)
 
 
 async def simulate(tag_map: TagMap, *, seed: int, time_scale: float, shutdown: asyncio.Event) -> int:
     stations = stations_for(tag_map, seed=seed, time_scale=time_scale)
-    for dev_id, st in stations.items():
-        await st.start()
-        print(f"{dev_id}: {st.kind} station on {st.host}:{st.port} unit {st.unit}", flush=True)
+    reactors = reactors_for(tag_map, seed=seed, time_scale=time_scale)
     try:
+        for dev_id, st in stations.items():
+            await st.start()
+            print(f"{dev_id}: {st.kind} station on {st.host}:{st.port} unit {st.unit}", flush=True)
+        for dev_id, rs in reactors.items():
+            await rs.start()
+            print(f"{dev_id}: reactors {', '.join(rs.models)} on {rs.endpoint} ({rs.namespace})", flush=True)
         await shutdown.wait()
     finally:
         for st in stations.values():
             await st.stop()
+        for rs in reactors.values():
+            await rs.stop()
     return 0
 
 
@@ -84,11 +109,15 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
         await mini.start()
         port, name = mini.port, "embedded demo broker (install mosquitto for the real thing)"
     stations = stations_for(tag_map, any_port=True, time_scale=DEMO_TIME_SCALE)
+    reactors = reactors_for(tag_map, any_port=True, time_scale=DEMO_TIME_SCALE)
     for st in stations.values():
         await st.start()
-    tm = with_endpoints(tag_map, mqtt_port=port, stations=stations)
+    for rs in reactors.values():
+        await rs.start()
+    tm = with_endpoints(tag_map, mqtt_port=port, stations=stations, reactors=reactors)
     print(f"broker: {name} on 127.0.0.1:{port}")
     print(f"stations: {', '.join(f'{k}@{s.port}' for k, s in stations.items())}")
+    print(f"reactors: {', '.join(f'{k}@{r.endpoint}' for k, r in reactors.items())}")
     print(f"buffer: {workdir / 'buffer.sqlite'}")
     print(f"subscribed to {tm.mqtt.topic_prefix}/#  (Ctrl-C to stop)\n", flush=True)
     gateway = Gateway(tm, Settings(), buffer_path=workdir / "buffer.sqlite")
@@ -107,6 +136,8 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
     finally:
         for st in stations.values():
             await st.stop()
+        for rs in reactors.values():
+            await rs.stop()
         if mosquitto:
             mosquitto.stop()
         if mini:
@@ -136,6 +167,13 @@ def _show(topic: str, payload: object, latencies: list[float]) -> None:
     if leaf == "telemetry":
         for r in data["readings"][:1]:
             latencies.append(now - datetime.fromisoformat(r["ts"]).timestamp())
+    elif leaf == "state" and data["kind"] == "reactor":
+        v, q = data["values"], data["quality"]
+        bad = sum(1 for x in q.values() if x != "good")
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} "
+              f"T {_num(v.get('temperature')):>5} degC (sp {_num(v.get('temperature_setpoint'))})  "
+              f"p {_num(v.get('pressure'), 3)} bar  pH {_num(v.get('ph_level'), 2)} (target {_num(v.get('ph_target'), 1)})  "
+              f"{v.get('batch_id')}  {'all good' if not bad else f'{bad} bad'}", flush=True)
     elif leaf == "state":
         v, q = data["values"], data["quality"]
         bad = sum(1 for x in q.values() if x != "good")
@@ -147,8 +185,8 @@ def _show(topic: str, payload: object, latencies: list[float]) -> None:
         print(f"gateway {data['gateway_id']} is {data['state']} (version {data['version']})", flush=True)
 
 
-def _num(x: object) -> str:
-    return f"{x:.1f}" if isinstance(x, (int, float)) else str(x)
+def _num(x: object, digits: int = 1) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
 def _summary(latencies: list[float]) -> None:

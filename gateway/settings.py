@@ -15,6 +15,7 @@ class Settings(BaseSettings):
 
     config: Path = Path("config/plant.yaml")
     mqtt_password: SecretStr | None = None
+    opcua_password: SecretStr | None = None
     buffer_path: Path | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,0 +1,399 @@
+"""OPC-UA driver on asyncua: ``subscribe`` (monitored items) or ``poll`` (batched Read) per device.
+
+PITFALLS.md, and how this driver meets them:
+- A Client is never reused after a loss: every ``connect`` builds a new one, under a timeout, with
+  asyncua's own reconnect off (the poller owns reconnecting).
+- A dead session is detected three ways: asyncua's health probe (``connection_lost_callback``), a
+  subscription whose publish responses stop (``is_stale``), and any request failing.
+- Data-change callbacks only append to a deque; readings are built in ``read()``.
+- ``nsu=<uri>`` node ids are resolved to namespace indexes on every connect, and the namespace
+  array is re-read every ``recheck`` seconds: if it changed (a redeploy), the driver reconnects.
+- Nodes that vanish (a PLC program download answers ``BadNodeIdUnknown``) mark only their own tags
+  bad; every ``recheck`` seconds the driver tries to monitor them again, so they recover by
+  themselves, without a gateway restart.
+- A configured security mode is set explicitly; a server that does not offer it fails the connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from asyncua import Client, Node, ua
+from asyncua.crypto import security_policies
+from asyncua.ua.uaerrors import UaError
+
+from drivers import DeviceTimeout, DeviceUnreachable, DriverError
+from gateway.model import Quality, Reading, Transform
+
+logging.getLogger("asyncua").setLevel(logging.CRITICAL)  # failures are reported by the poller
+
+POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes128Sha256RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256Sha256RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
+MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
+EXPECTED = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+}
+
+
+class SecurityMismatch(DriverError):
+    kind = "security"
+
+
+@dataclass(frozen=True, slots=True)
+class OpcTagSpec:
+    asset: str
+    tag: str
+    node: str  # as configured: nsu=<uri>;s=... or ns=<i>;s=...
+    transform: Transform = Transform()
+    expected: str | None = None
+    deadband: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    mode: str = "None"
+    policy: str = "Basic256Sha256"
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_certificate: Path | None = None
+    application_uri: str | None = None
+
+
+class _Handler:
+    """asyncua calls this from its publish loop: it must only enqueue."""
+
+    def __init__(self, queue: deque[tuple[ua.NodeId, ua.DataValue]], wake: asyncio.Event) -> None:
+        self.queue, self.wake = queue, wake
+        self.status: ua.StatusCode | None = None
+
+    def datachange_notification(self, node: Node, _val: Any, data: Any) -> None:
+        self.queue.append((node.nodeid, data.monitored_item.Value))
+        self.wake.set()
+
+    def status_change_notification(self, status: Any) -> None:
+        self.status = getattr(status, "Status", status)
+        self.wake.set()
+
+
+def split_node(node: str) -> tuple[str | None, int | None, str]:
+    """``nsu=U;s=X`` -> (U, None, "s=X"); ``ns=2;s=X`` -> (None, 2, "s=X"); ``i=85`` -> (None, 0, "i=85")."""
+    if node.startswith("nsu="):
+        uri, _, rest = node[4:].partition(";")
+        return uri, None, rest
+    if node.startswith("ns="):
+        idx, _, rest = node[3:].partition(";")
+        return None, int(idx), rest
+    return None, 0, node
+
+
+class OpcUaDriver:
+    def __init__(self, *, device_id: str, endpoint: str, mode: str, interval: float, timeout: float,
+                 tags: Sequence[OpcTagSpec], sampling_interval: float | None = None, queue_size: int = 10,
+                 deadband_type: str = "none", max_nodes_per_read: int | None = None, recheck: float = 5.0,
+                 username: str | None = None, password: str | None = None,
+                 security: Security = Security()) -> None:
+        self.device_id = device_id
+        self.endpoint, self.mode, self.interval, self.timeout = endpoint, mode, interval, timeout
+        self.tags = list(tags)
+        self.sampling_ms = (interval if sampling_interval is None else sampling_interval) * 1000
+        self.queue_size = queue_size
+        self.deadband_type = {"none": 0, "absolute": 1, "percent": 2}[deadband_type]
+        self.max_nodes_per_read = max_nodes_per_read
+        self.recheck = recheck
+        self.username, self.password = username, password
+        self.security = security
+        self._client: Client | None = None
+        self._lost: str | None = None
+        self._namespaces: list[str] = []
+        self._node_ids: dict[int, ua.NodeId] = {}  # tag index -> resolved node id
+        self._by_node: dict[ua.NodeId, list[int]] = {}
+        self._missing: dict[int, str] = {}  # tag index -> why it is not monitored / resolvable
+        self._handles: dict[int, int] = {}  # tag index -> monitored item handle
+        self._queue: deque[tuple[ua.NodeId, ua.DataValue]] = deque()
+        self._wake = asyncio.Event()
+        self._handler = _Handler(self._queue, self._wake)
+        self._subscription: Any = None
+        self._next_check = 0.0
+        self._limit = 0
+
+    # -- driver protocol ---------------------------------------------------------------------
+    def describe_plan(self) -> list[str]:
+        if self.mode == "subscribe":
+            return [f"subscription: {len(self.tags)} monitored items, publishing every {self.interval:g}s"]
+        per = self.max_nodes_per_read
+        n = len(self.tags)
+        reads = 1 if not per else -(-n // per)
+        return [f"Read of {n} nodes in {reads} request(s) (server limit applies when lower)"]
+
+    def bad(self, reason: str, ts: float) -> list[Reading]:
+        return [Reading(t.asset, t.tag, None, Quality.BAD, reason, None, ts) for t in self.tags]
+
+    async def connect(self) -> None:
+        await self.close()
+        self._lost = None
+        client = Client(self.endpoint, timeout=self.timeout, watchdog_intervall=max(self.timeout, 1.0))
+        client.name = client.description = f"edge-gateway {self.device_id}"
+        client.connection_lost_callback = self._on_lost
+        if self.username:
+            client.set_user(self.username)
+            if self.password:
+                client.set_password(self.password)
+        try:
+            await self._secure(client)
+            async with asyncio.timeout(self.timeout * 3):
+                await client.connect()
+        except TimeoutError:
+            await _quiet_disconnect(client)
+            raise DeviceTimeout(self.device_id, f"no session with {self.endpoint} in {self.timeout * 3:g}s") from None
+        except (OSError, UaError, ua.UaStatusCodeError, ValueError) as exc:
+            await _quiet_disconnect(client)
+            kind = SecurityMismatch if _is_security(exc) else DeviceUnreachable
+            raise kind(self.device_id, f"cannot connect to {self.endpoint}: {_describe(exc)}") from exc
+        self._client = client
+        try:
+            await self._setup()
+        except (OSError, UaError, ua.UaStatusCodeError, TimeoutError) as exc:
+            await self.close()
+            raise DeviceUnreachable(self.device_id, f"session setup failed: {_describe(exc)}") from exc
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._subscription = None
+        self._handles.clear()
+        self._queue.clear()
+        if client is not None:
+            await _quiet_disconnect(client)
+
+    async def read(self) -> list[Reading]:
+        client = self._client
+        if client is None:
+            raise DeviceUnreachable(self.device_id, "not connected")
+        if self._lost is not None:
+            raise DeviceUnreachable(self.device_id, f"session lost: {self._lost}")
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                readings = await (self._poll() if self.mode == "poll" else self._drain())
+                if time.monotonic() >= self._next_check:
+                    readings += await self._recheck()
+        except TimeoutError:
+            raise DeviceTimeout(self.device_id, f"no answer from {self.endpoint} in {self.timeout * 2:g}s") from None
+        except (OSError, UaError, ua.UaStatusCodeError, ConnectionError) as exc:
+            raise DeviceUnreachable(self.device_id, _describe(exc)) from exc
+        return readings
+
+    # -- connect -----------------------------------------------------------------------------
+    async def _on_lost(self, exc: Exception) -> None:
+        self._lost = _describe(exc)
+
+    async def _secure(self, client: Client) -> None:
+        sec = self.security
+        if sec.mode == "None":
+            return
+        assert sec.certificate is not None and sec.private_key is not None
+        client.application_uri = sec.application_uri or _certificate_uri(sec.certificate) or client.application_uri
+        await client.set_security(
+            POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
+            server_certificate=str(sec.server_certificate) if sec.server_certificate else None,
+            mode=MODES[sec.mode],
+        )
+
+    async def _setup(self) -> None:
+        client = self._client
+        assert client is not None
+        self._namespaces = await client.get_namespace_array()
+        self._resolve()
+        self._next_check = time.monotonic() + self.recheck
+        if self.mode == "poll":
+            self._limit = self.max_nodes_per_read or await self._server_limit()
+            return
+        self._subscription = await client.create_subscription(self.interval * 1000, self._handler)
+        await self._monitor(list(self._node_ids))
+
+    def _resolve(self) -> None:
+        self._node_ids.clear()
+        self._by_node.clear()
+        self._missing.clear()
+        for i, t in enumerate(self.tags):
+            uri, idx, rest = split_node(t.node)
+            if uri is not None:
+                if uri not in self._namespaces:
+                    self._missing[i] = f"namespace {uri!r} not on the server"
+                    continue
+                idx = self._namespaces.index(uri)
+            try:
+                node_id = ua.NodeId.from_string(f"ns={idx};{rest}")
+            except (ValueError, UaError) as exc:
+                self._missing[i] = f"bad node id {t.node!r}: {exc}"
+                continue
+            self._node_ids[i] = node_id
+            self._by_node.setdefault(node_id, []).append(i)
+
+    async def _server_limit(self) -> int:
+        assert self._client is not None
+        node = self._client.get_node(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+        try:
+            value = await node.read_value()
+        except (UaError, ua.UaStatusCodeError):
+            return 0
+        return int(value or 0)
+
+    async def _monitor(self, indexes: list[int]) -> None:
+        """Create monitored items; nodes the server refuses stay in ``_missing`` with the reason."""
+        sub = self._subscription
+        assert sub is not None and self._client is not None
+        groups: dict[float | None, list[int]] = {}
+        for i in indexes:
+            band = self.tags[i].deadband if self.deadband_type else None
+            groups.setdefault(band, []).append(i)
+        for band, group in groups.items():
+            nodes = [self._client.get_node(self._node_ids[i]) for i in group]
+            mfilter = None
+            if band is not None:
+                mfilter = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValue,
+                                              DeadbandType=self.deadband_type, DeadbandValue=band)
+            # asyncua's _subscribe is the one call that takes both a filter and a sampling interval.
+            handles = await sub._subscribe(nodes, ua.AttributeIds.Value, mfilter, self.queue_size,
+                                           sampling_interval=self.sampling_ms)
+            for i, handle in zip(group, handles, strict=True):
+                if isinstance(handle, ua.StatusCode):
+                    self._missing[i] = f"{handle.name} for node {self.tags[i].node}"
+                else:
+                    self._handles[i] = handle
+                    self._missing.pop(i, None)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def _poll(self) -> list[Reading]:
+        assert self._client is not None
+        indexes = list(self._node_ids)
+        ids = [self._node_ids[i] for i in indexes]
+        limit = self._limit or len(ids) or 1
+        values: list[ua.DataValue] = []
+        for start in range(0, len(ids), limit):
+            values += await self._client.uaclient.read_attributes(ids[start : start + limit], ua.AttributeIds.Value)
+        now = time.time()
+        out = [self._reading(i, dv, now) for i, dv in zip(indexes, values, strict=True)]
+        out += [self._missing_reading(i, now) for i in self._missing]
+        return out
+
+    async def _drain(self) -> list[Reading]:
+        sub = self._subscription
+        if sub is not None and sub.is_stale(2.0):
+            raise DeviceTimeout(self.device_id, "subscription stopped publishing (no keep-alive)")
+        status = self._handler.status
+        if status is not None and not ua.StatusCode(getattr(status, "value", status)).is_good():
+            raise DeviceUnreachable(self.device_id, f"subscription status {ua.StatusCode(status.value).name}")
+        now = time.time()
+        out = []
+        queue = self._queue
+        while queue:
+            node_id, dv = queue.popleft()
+            out += [self._reading(i, dv, now) for i in self._by_node.get(node_id, ())]
+        self._wake.clear()
+        return out
+
+    async def _recheck(self) -> list[Reading]:
+        """Namespace array unchanged? Nodes still there? Missing ones back? Returns tag changes."""
+        assert self._client is not None
+        self._next_check = time.monotonic() + self.recheck
+        if await self._client.get_namespace_array() != self._namespaces:
+            raise DeviceUnreachable(self.device_id, "namespace array changed (server redeployed)")
+        now = time.time()
+        out: list[Reading] = []
+        if self.mode == "subscribe" and self._handles:
+            ids = list(self._handles)
+            values = await self._client.uaclient.read_attributes([self._node_ids[i] for i in ids],
+                                                                 ua.AttributeIds.Value)
+            gone = [i for i, dv in zip(ids, values, strict=True)
+                    if dv.StatusCode is not None and dv.StatusCode.value == ua.StatusCodes.BadNodeIdUnknown]
+            for i in gone:
+                handle = self._handles.pop(i)
+                self._missing[i] = f"BadNodeIdUnknown for node {self.tags[i].node}"
+                out.append(self._missing_reading(i, now))
+                try:
+                    await self._subscription.unsubscribe(handle)
+                except (UaError, ua.UaStatusCodeError):
+                    pass  # the server already dropped the item with its node
+        retry = [i for i in self._missing if i in self._node_ids and i not in self._handles]
+        if self.mode == "subscribe" and retry:
+            await self._monitor(retry)
+        if self.mode == "subscribe":
+            out += [self._missing_reading(i, now) for i in self._missing]
+        return out
+
+    def _missing_reading(self, i: int, now: float) -> Reading:
+        t = self.tags[i]
+        return Reading(t.asset, t.tag, None, Quality.BAD, self._missing[i], None, now)
+
+    def _reading(self, i: int, dv: ua.DataValue, now: float) -> Reading:
+        t = self.tags[i]
+        status = dv.StatusCode or ua.StatusCode()
+        src = dv.SourceTimestamp.timestamp() if isinstance(dv.SourceTimestamp, datetime) else None
+        if status.is_bad():
+            return Reading(t.asset, t.tag, None, Quality.BAD, f"{status.name} for node {t.node}", src, now)
+        raw = dv.Value.Value if dv.Value is not None else None
+        if t.expected is not None and not EXPECTED[t.expected](raw):
+            return Reading(t.asset, t.tag, None, Quality.BAD,
+                           f"node {t.node} holds {type(raw).__name__}, expected {t.expected}", src, now)
+        value, quality, reason = t.transform.apply(_plain(raw))
+        if status.is_uncertain() and quality is Quality.GOOD:
+            quality, reason = Quality.UNCERTAIN, status.name
+        return Reading(t.asset, t.tag, value, quality, reason, src, now)
+
+
+def _plain(value: object) -> object:
+    """A JSON-friendly value: numbers, bools, strings and lists stay; anything else is its text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _is_security(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return any(k in text for k in ("Security", "Certificate", "No matching endpoints", "EndpointDescription"))
+
+
+def _certificate_uri(path: Path) -> str | None:
+    """The URI in the certificate's subjectAltName: asyncua requires application_uri to match it."""
+    from cryptography import x509
+
+    data = path.read_bytes()
+    cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
+async def _quiet_disconnect(client: Client) -> None:
+    try:
+        async with asyncio.timeout(2):
+            await client.disconnect()
+    except Exception:  # noqa: BLE001 - a dead session cannot be closed politely; the socket goes anyway
+        try:
+            client.disconnect_socket()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,262 @@
+"""OPC-UA simulator of the plant's three reactor PLCs (asyncua server), with a process model.
+
+Each reactor runs a batch cycle idle -> heating -> mixing -> cooling -> transferring -> cleaning ->
+idle. Temperature follows the step's setpoint with a first-order lag and noise; pressure rises with
+temperature; pH drifts towards the recipe's target. The model advances in fixed steps of ``STEP``
+plant seconds, so a run is deterministic for a seed and a number of steps; ``time_scale`` runs
+plant time faster than the wall clock. Nodes are ``ns=<idx>;s=Reactor<X>.<Variable>`` in the
+namespace ``NAMESPACE``.
+
+Faults the tests drive: temperature excursion, pressure spike, pH drift, a sensor with Bad status,
+a server restart (optionally with shifted namespace indexes), a PLC program download (a reactor's
+nodes vanish and come back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from asyncua import Server, ua
+
+NAMESPACE = "urn:ninu:plant-1:reactors"
+STEP = 0.1
+STATUS = {"idle": 0, "mixing": 1, "heating": 2, "cooling": 3, "transferring": 4, "cleaning": 5, "maintenance": 6}
+CYCLE = [  # step, plant seconds, temperature setpoint degC, mixing speed rpm
+    ("idle", 20, 25.0, 0.0),
+    ("heating", 60, 75.0, 60.0),
+    ("mixing", 90, 75.0, 120.0),
+    ("cooling", 60, 30.0, 40.0),
+    ("transferring", 30, 30.0, 20.0),
+    ("cleaning", 40, 60.0, 200.0),
+]
+RECIPES = {
+    "A": ("RCP-LIQ-001", 7.0, 1.02),  # recipe, pH target, density target (kg/L)
+    "B": ("RCP-DES-014", 9.5, 1.05),
+    "C": ("RCP-ESP-007", 5.5, 0.98),
+}
+NAMES = {"A": "Reactor A - Líquidos", "B": "Reactor B - Desinfectantes", "C": "Reactor C - Especialidades"}
+VARIABLES: dict[str, ua.VariantType] = {
+    "Status": ua.VariantType.Int32,
+    "Temperature": ua.VariantType.Double,
+    "TemperatureSetpoint": ua.VariantType.Double,
+    "Pressure": ua.VariantType.Double,
+    "MixingSpeed": ua.VariantType.Double,
+    "PhLevel": ua.VariantType.Double,
+    "PhTarget": ua.VariantType.Double,
+    "Density": ua.VariantType.Double,
+    "DensityTarget": ua.VariantType.Double,
+    "BatchId": ua.VariantType.String,
+    "RecipeId": ua.VariantType.String,
+    "MaintenanceHours": ua.VariantType.Double,
+}
+
+
+@dataclass
+class ReactorFaults:
+    temperature_offset: float = 0.0  # excursion, degC
+    pressure_offset: float = 0.0  # spike, bar
+    ph_offset: float = 0.0  # drift beyond the recipe's tolerance
+    bad: set[str] = field(default_factory=set)  # variables reported with BadSensorFailure
+
+    def clear(self) -> None:
+        self.temperature_offset = self.pressure_offset = self.ph_offset = 0.0
+        self.bad.clear()
+
+
+@dataclass
+class ReactorModel:
+    letter: str
+    seed: int = 0
+    rng: random.Random = field(init=False)
+    steps: int = 0
+    step_index: int = 0
+    step_left: float = 0.0
+    temperature: float = 22.0
+    ph: float = 7.0
+    density: float = 1.0
+    batch: int = 0
+    maintenance_hours: float = 0.0
+    faults: ReactorFaults = field(default_factory=ReactorFaults)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.recipe, self.ph_target, self.density_target = RECIPES[self.letter]
+        self.ph = self.ph_target
+        self.density = self.density_target
+        self.maintenance_hours = 100.0 * (ord(self.letter) - 64)
+        # Reactors start at different points of the cycle.
+        self.step_index = (ord(self.letter) - 65) % len(CYCLE)
+        self.step_left = CYCLE[self.step_index][1]
+        self.batch = 1000 * (ord(self.letter) - 64)
+
+    @property
+    def status(self) -> str:
+        return CYCLE[self.step_index][0]
+
+    def step(self) -> None:
+        self.steps += 1
+        self.step_left -= STEP
+        if self.step_left <= 0:
+            self.step_index = (self.step_index + 1) % len(CYCLE)
+            self.step_left = CYCLE[self.step_index][1]
+            if self.step_index == 1:
+                self.batch += 1
+        _, _, setpoint, _ = CYCLE[self.step_index]
+        self.temperature += (setpoint - self.temperature) * STEP / 20.0 + self.rng.gauss(0, 0.02)
+        self.ph += (self.ph_target - self.ph) * STEP * 0.02 + self.rng.gauss(0, 0.002)
+        self.density = self.density_target + self.rng.gauss(0, 0.002)
+        self.maintenance_hours += STEP / 3600
+
+    def values(self) -> dict[str, object]:
+        step, _, setpoint, speed = CYCLE[self.step_index]
+        t = self.temperature + self.faults.temperature_offset
+        wobble = math.sin(self.steps / 50)
+        return {
+            "Status": STATUS[step],
+            "Temperature": round(t, 3),
+            "TemperatureSetpoint": setpoint,
+            "Pressure": round(1.013 + 0.015 * max(t - 20, 0) + 0.005 * wobble + self.faults.pressure_offset, 4),
+            "MixingSpeed": speed + (2.0 * wobble if speed else 0.0),
+            "PhLevel": round(self.ph + self.faults.ph_offset, 3),
+            "PhTarget": self.ph_target,
+            "Density": round(self.density, 4),
+            "DensityTarget": self.density_target,
+            "BatchId": f"B-{self.letter}-{self.batch:05d}",
+            "RecipeId": self.recipe,
+            "MaintenanceHours": round(self.maintenance_hours, 3),
+        }
+
+
+class ReactorServer:
+    """The reactors' OPC-UA server on ``port`` (0: any free port)."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, seed: int = 1, time_scale: float = 1.0,
+                 letters: str = "ABC", namespace: str = NAMESPACE, certificate: Path | None = None,
+                 private_key: Path | None = None, security: str = "None") -> None:
+        self.host, self.port = host, port
+        self.namespace = namespace
+        self.models = {x: ReactorModel(x, seed=seed + i) for i, x in enumerate(letters)}
+        self.time_scale = time_scale
+        self.frozen = False
+        self.certificate, self.private_key, self.security = certificate, private_key, security
+        self.server: Server | None = None
+        self.ns = 0
+        self._t0 = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._present: set[str] = set()  # reactors whose nodes exist
+        self._snapshot: dict[str, dict[str, object]] = {}
+        self.extra_namespaces = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}/reactors"
+
+    async def start(self) -> None:
+        logging.getLogger("asyncua").setLevel(logging.ERROR)
+        if self.port == 0:
+            from gateway.brokers import free_port
+
+            self.port = free_port(self.host)
+        server = Server()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("NINU reactor PLC simulator")
+        if self.security != "None":
+            assert self.certificate and self.private_key
+            await server.load_certificate(str(self.certificate))
+            await server.load_private_key(str(self.private_key))
+            policy = {"Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+                      "SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt}[self.security]
+            server.set_security_policy([policy])
+        for i in range(self.extra_namespaces):  # a redeployed program can register namespaces in another order
+            await server.register_namespace(f"urn:ninu:plant-1:other-{i}")
+        self.ns = await server.register_namespace(self.namespace)
+        self.server = server
+        for letter in self.models:
+            await self._create(letter)
+        await server.start()
+        self._t0 = time.monotonic() - self._elapsed_wall()
+        self._task = asyncio.create_task(self._run(), name="reactor-simulator")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.server is not None:
+            server, self.server = self.server, None
+            await server.stop()
+        self._present.clear()
+
+    async def restart(self, *, downtime: float = 0.0, shift_namespaces: int = 0) -> None:
+        """Stop the server and start a new one on the same port (a PLC reboot or redeploy)."""
+        await self.stop()
+        await asyncio.sleep(downtime)
+        self.extra_namespaces += shift_namespaces
+        await self.start()
+
+    async def download(self, letter: str, *, downtime: float = 1.0) -> None:
+        """A PLC program download: the reactor's nodes vanish and come back; the server stays up."""
+        assert self.server is not None
+        obj = self.server.get_node(ua.NodeId(f"Reactor{letter}", self.ns))
+        self._present.discard(letter)
+        await self.server.delete_nodes([obj], recursive=True)
+        await asyncio.sleep(downtime)
+        await self._create(letter)
+
+    def node_id(self, letter: str, variable: str) -> str:
+        return f"nsu={self.namespace};s=Reactor{letter}.{variable}"
+
+    # -- values ------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def snapshot(self, letter: str) -> dict[str, object]:
+        return dict(self._snapshot.get(letter, {}))
+
+    def _elapsed_wall(self) -> float:
+        steps = max((m.steps for m in self.models.values()), default=0)
+        return steps * STEP / self.time_scale
+
+    async def _create(self, letter: str) -> None:
+        assert self.server is not None
+        objects = self.server.nodes.objects
+        obj = await objects.add_object(ua.NodeId(f"Reactor{letter}", self.ns), f"Reactor{letter}")
+        values = self.models[letter].values()
+        for name, vtype in VARIABLES.items():
+            await obj.add_variable(ua.NodeId(f"Reactor{letter}.{name}", self.ns), name, values[name], varianttype=vtype)
+        self._present.add(letter)
+        await self._publish(letter)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if self.frozen:
+                continue
+            due = int((time.monotonic() - self._t0) * self.time_scale / STEP)
+            for letter, model in self.models.items():
+                for _ in range(min(due - model.steps, 100_000)):
+                    model.step()
+                if letter in self._present:
+                    await self._publish(letter)
+
+    async def _publish(self, letter: str) -> None:
+        assert self.server is not None
+        model = self.models[letter]
+        values = model.values()
+        now = datetime.now(UTC)
+        for name, vtype in VARIABLES.items():
+            status = ua.StatusCode(ua.StatusCodes.BadSensorFailure if name in model.faults.bad else ua.StatusCodes.Good)
+            dv = ua.DataValue(ua.Variant(values[name], vtype), StatusCode=status, SourceTimestamp=now,
+                              ServerTimestamp=now)
+            await self.server.write_attribute_value(ua.NodeId(f"Reactor{letter}.{name}", self.ns), dv)
+        self._snapshot[letter] = values
