@@ -220,6 +220,8 @@ class OpcUaDriver:
         if self.mode == "poll":
             self._limit = self.max_nodes_per_read or await self._server_limit()
             return
+        # A new handler per session: a late notification of the old session must not reach this one.
+        self._handler = _Handler(self._queue, self._wake)
         self._subscription = await client.create_subscription(self.interval * 1000, self._handler)
         await self._monitor(list(self._node_ids))
 
