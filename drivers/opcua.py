@@ -158,7 +158,11 @@ class OpcUaDriver:
                 await client.connect()
         except TimeoutError:
             await _quiet_disconnect(client)
-            raise DeviceTimeout(self.device_id, f"no session with {self.endpoint} in {self.timeout * 3:g}s") from None
+            hint = ""
+            if self.security.mode != "None":  # a server that cannot decrypt our request just stays silent
+                hint = f" (security {self.security.mode}: is server_certificate the server's certificate?)"
+            raise DeviceTimeout(self.device_id,
+                                f"no session with {self.endpoint} in {self.timeout * 3:g}s{hint}") from None
         except (OSError, UaError, ua.UaStatusCodeError, ValueError) as exc:
             await _quiet_disconnect(client)
             kind = SecurityMismatch if _is_security(exc) else DeviceUnreachable
@@ -216,7 +220,7 @@ class OpcUaDriver:
         assert client is not None
         self._namespaces = await client.get_namespace_array()
         self._resolve()
-        self._next_check = time.monotonic() + self.recheck
+        self._next_check = time.monotonic()  # the first read reports unresolvable tags at once
         if self.mode == "poll":
             self._limit = self.max_nodes_per_read or await self._server_limit()
             return

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from asyncua import Server, ua
 
-from drivers import DeviceUnreachable
+from drivers import DeviceTimeout, DeviceUnreachable
 from drivers.opcua import OpcTagSpec, OpcUaDriver, SecurityMismatch
 from drivers.registry import build_driver
 from gateway.brokers import Mosquitto
@@ -104,20 +104,28 @@ async def test_missing_node_and_bad_sensor_fail_only_their_own_tags(
     tags = {**asset.tags, "ghost": ghost, "wrong_type": wrong}
     tm = tm.model_copy(update={"assets": [asset.model_copy(update={"tags": tags}), *tm.assets[1:]]})
     reactors.models["B"].faults.bad.add("Pressure")
+    await asyncio.sleep(0.3)  # the simulator publishes the Bad status on its next tick
+    expected_bad = {("reactor-a", "ghost"), ("reactor-a", "wrong_type"), ("reactor-b", "pressure")}
     for mode in ("subscribe", "poll"):
         driver = build_driver(tm.model_copy(update={"devices": [tm.devices[0].model_copy(update={"mode": mode})]}),
                               DEVICE)
         await driver.connect()
         try:
             latest: dict[tuple[str, str], Reading] = {}
+
+            def bad() -> dict[tuple[str, str], Reading]:
+                return {k: r for k, r in latest.items() if r.quality is not Quality.GOOD}
+
             async with asyncio.timeout(10):
-                while len(latest) < 38:
+                while len(latest) < 38 or set(bad()) != expected_bad:
                     latest.update({(r.asset, r.tag): r for r in await driver.read()})
                     await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # and nothing else turns bad meanwhile
+            latest.update({(r.asset, r.tag): r for r in await driver.read()})
         finally:
             await driver.close()
         bad = {k: r for k, r in latest.items() if r.quality is not Quality.GOOD}
-        assert set(bad) == {("reactor-a", "ghost"), ("reactor-a", "wrong_type"), ("reactor-b", "pressure")}, mode
+        assert set(bad) == expected_bad, mode
         assert "BadNodeIdUnknown" in (bad[("reactor-a", "ghost")].reason or "")
         assert "ReactorA.NoSuchSensor" in (bad[("reactor-a", "ghost")].reason or ""), "names the node"
         assert "expected float" in (bad[("reactor-a", "wrong_type")].reason or "")
@@ -233,3 +241,73 @@ async def test_unreachable_endpoint(plant_map: TagMap) -> None:
     with pytest.raises(DeviceUnreachable, match="cannot connect"):
         await driver.connect()
     assert SecurityMismatch.kind == "security"
+
+
+def _pki(tmp_path: Path, name: str, uri: str, server: bool) -> tuple[Path, Path]:
+    from asyncua.crypto.cert_gen import (
+        dump_private_key_as_pem,
+        generate_private_key,
+        generate_self_signed_app_certificate,
+    )
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = generate_private_key()
+    use = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = generate_self_signed_app_certificate(
+        key, name, {"organizationName": "NINU"},
+        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")], [use],
+    )
+    cert_path, key_path = tmp_path / f"{name}.der", tmp_path / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(Encoding.DER))
+    key_path.write_bytes(dump_private_key_as_pem(key))
+    return cert_path, key_path
+
+
+async def test_sign_and_encrypt_basic256sha256(tmp_path: Path) -> None:
+    server_cert, server_key = _pki(tmp_path, "plc", "urn:freeopcua:python:server", server=True)
+    client_cert, client_key = _pki(tmp_path, "gateway", "urn:ninu:edge-gateway:edge-01", server=False)
+    other_cert, _ = _pki(tmp_path, "impostor", "urn:freeopcua:python:server", server=True)
+    server = ReactorServer(security="SignAndEncrypt", certificate=server_cert, private_key=server_key)
+    await server.start()
+    tags = [OpcTagSpec("reactor-a", "temperature", f"nsu={NAMESPACE};s=ReactorA.Temperature", expected="float")]
+    try:
+        from drivers.opcua import Security
+
+        secure = Security("SignAndEncrypt", "Basic256Sha256", client_cert, client_key, server_cert)
+        driver = OpcUaDriver(device_id=DEVICE, endpoint=server.endpoint, mode="poll", interval=0.1, timeout=3.0,
+                             tags=tags, security=secure)
+        await driver.connect()
+        try:
+            (reading,) = await driver.read()
+            assert reading.quality is Quality.GOOD and isinstance(reading.value, float)
+            assert driver._client is not None
+            assert driver._client.security_policy.Mode == ua.MessageSecurityMode.SignAndEncrypt
+        finally:
+            await driver.close()
+
+        # The server is not the one whose certificate we pinned: refused, never downgraded.
+        pinned_wrong = Security("SignAndEncrypt", "Basic256Sha256", client_cert, client_key, other_cert)
+        driver = OpcUaDriver(device_id=DEVICE, endpoint=server.endpoint, mode="poll", interval=0.1, timeout=1.0,
+                             tags=tags, security=pinned_wrong)
+        with pytest.raises(DeviceTimeout, match="is server_certificate the server's certificate"):
+            await driver.connect()
+        assert driver._client is None
+    finally:
+        await server.stop()
+
+
+async def test_configured_security_is_never_downgraded(tmp_path: Path, reactors: ReactorServer) -> None:
+    """The reactor simulator offers only security mode None; a client that wants encryption fails."""
+    client_cert, client_key = _pki(tmp_path, "gateway", "urn:ninu:edge-gateway:edge-01", server=False)
+    from drivers.opcua import Security
+
+    driver = OpcUaDriver(
+        device_id=DEVICE, endpoint=reactors.endpoint, mode="poll", interval=0.1, timeout=3.0,
+        tags=[OpcTagSpec("reactor-a", "temperature", f"nsu={NAMESPACE};s=ReactorA.Temperature")],
+        security=Security("SignAndEncrypt", "Basic256Sha256", client_cert, client_key),
+    )
+    with pytest.raises(SecurityMismatch, match="cannot connect"):
+        await driver.connect()
+    assert driver._client is None
