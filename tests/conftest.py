@@ -45,7 +45,13 @@ async def stations(plant_map: TagMap) -> AsyncIterator[dict[str, Station]]:
             await s.stop()
 
 
+def stations_only(tm: TagMap) -> TagMap:
+    """The plant map without the reactors (OPC-UA has tests of its own)."""
+    devices = [d for d in tm.devices if d.protocol == "modbus_tcp"]
+    return tm.model_copy(update={"devices": devices, "assets": [a for a in tm.assets if a.kind == "station"]})
+
+
 @pytest.fixture
 def live_map(plant_map: TagMap, mosquitto: Mosquitto, stations: dict[str, Station]) -> TagMap:
-    """The plant map pointed at the test broker and the simulators."""
-    return with_endpoints(plant_map, mqtt_port=mosquitto.port, stations=stations)
+    """The plant's stations pointed at the test broker and the simulators."""
+    return with_endpoints(stations_only(plant_map), mqtt_port=mosquitto.port, stations=stations)

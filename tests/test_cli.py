@@ -13,6 +13,7 @@ import pytest
 
 from gateway.brokers import Mosquitto
 from gateway.tagmap import TagMap
+from simulators.reactors import ReactorServer
 from simulators.stations import Station
 
 from .conftest import PLANT, ROOT
@@ -21,8 +22,9 @@ from .helpers import collecting, validate, wait_until
 pytestmark = pytest.mark.integration
 
 
-def _map_file(tmp_path: Path, stations: dict[str, Station], mqtt_port: int) -> Path:
+def _map_file(tmp_path: Path, stations: dict[str, Station], mqtt_port: int, reactors: ReactorServer) -> Path:
     text = PLANT.read_text().replace("port: 1883", f"port: {mqtt_port}")
+    text = text.replace("opc.tcp://127.0.0.1:4840/reactors", reactors.endpoint)
     for i, dev in enumerate(["filling-1-plc", "labeling-1-plc", "capping-1-plc", "packaging-1-plc", "powder-1-plc"]):
         text = text.replace(f"port: {5020 + i},", f"port: {stations[dev].port},")
     path = tmp_path / "plant.yaml"
@@ -33,7 +35,17 @@ def _map_file(tmp_path: Path, stations: dict[str, Station], mqtt_port: int) -> P
 async def test_run_publishes_and_stops_cleanly_on_sigterm(
     tmp_path: Path, stations: dict[str, Station], mosquitto: Mosquitto, plant_map: TagMap
 ) -> None:
-    config = _map_file(tmp_path, stations, mosquitto.port)
+    reactors = ReactorServer()
+    await reactors.start()
+    try:
+        await _run_and_stop(tmp_path, stations, mosquitto, plant_map, reactors)
+    finally:
+        await reactors.stop()
+
+
+async def _run_and_stop(tmp_path: Path, stations: dict[str, Station], mosquitto: Mosquitto, plant_map: TagMap,
+                        reactors: ReactorServer) -> None:
+    config = _map_file(tmp_path, stations, mosquitto.port, reactors)
     env = {**os.environ, "EDGE_GATEWAY_BUFFER_PATH": str(tmp_path / "buffer.sqlite"),
            "EDGE_GATEWAY_LOG_FORMAT": "json"}
     prefix = plant_map.mqtt.topic_prefix
@@ -43,7 +55,9 @@ async def test_run_publishes_and_stops_cleanly_on_sigterm(
             env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
         )
         try:
-            await wait_until(lambda: len(sub.leaf("telemetry")) >= 10, 20, "telemetry from the subprocess")
+            await wait_until(lambda: {m.data["asset_id"] for m in sub.leaf("state")
+                                      if set(m.data["quality"].values()) == {"good"}} >= {a.id for a in plant_map.assets},
+                             20, "good state of every asset of the plant from the subprocess")
         finally:
             os.kill(proc.pid, signal.SIGTERM)
             _, stderr = await asyncio.wait_for(proc.communicate(), 10)
@@ -66,14 +80,14 @@ def test_demo_shows_live_values(broker: str) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "gateway edge-01 is online" in out
-    for station in ("filling-1", "labeling-1", "capping-1", "packaging-1", "powder-1"):
+    for station in ("filling-1", "labeling-1", "capping-1", "packaging-1", "powder-1", "reactor-a", "reactor-c"):
         assert f"  {station} " in out, out
     assert "telemetry messages; poll-to-subscriber latency" in out
 
 
 def test_check_exit_codes() -> None:
     ok = subprocess.run([sys.executable, "-m", "gateway", "check", str(PLANT)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "requests per cycle: 20" in ok.stdout
+    assert ok.returncode == 0 and "Modbus requests per cycle: 20" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "gateway", "check", str(ROOT / "tests/tagmaps/bad_count.yaml")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "bad_count.yaml:10: assets[0].tags.units_total" in bad.stderr

@@ -71,8 +71,8 @@ def test_check_command_fails_on_broken_maps(name: str, capsys: pytest.CaptureFix
 def test_plant_map_checks_and_reports_requests(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--config", str(PLANT)]) == 0
     out = capsys.readouterr().out
-    assert "5 devices, 5 assets, 110 tags" in out
-    assert "requests per cycle: 20" in out
+    assert "6 devices, 8 assets, 146 tags" in out
+    assert "Modbus requests per cycle: 20" in out
     assert "unit 1 holding 0+36 (17 tags)" in out
 
 
@@ -80,7 +80,8 @@ def test_plant_map_models_are_frozen() -> None:
     tm = load_tag_map(PLANT)
     with pytest.raises(ValueError, match="frozen"):
         tm.gateway.id = "other"  # type: ignore[misc]
-    assert tm.devices[0].interval == 1.0 and tm.devices[0].timeout == 0.5
+    filling = tm.device("filling-1-plc")
+    assert filling.interval == 1.0 and filling.timeout == 0.5
     assert tm.asset("filling-1").tags["units_total"].device == "filling-1-plc"  # asset default device
 
 
@@ -91,7 +92,7 @@ def test_durations(tmp_path: Path, text: str, seconds: float) -> None:
     source = PLANT.read_text().replace("interval: 1s, timeout: 500ms", f"interval: {text}, timeout: 10ms", 1)
     path = tmp_path / "plant.yaml"
     path.write_text(source)
-    assert load_tag_map(path).devices[0].interval == seconds
+    assert load_tag_map(path).device("filling-1-plc").interval == seconds
 
 
 @settings(max_examples=200, deadline=None)
