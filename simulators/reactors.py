@@ -140,13 +140,15 @@ class ReactorServer:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, seed: int = 1, time_scale: float = 1.0,
                  letters: str = "ABC", namespace: str = NAMESPACE, certificate: Path | None = None,
-                 private_key: Path | None = None, security: str = "None") -> None:
+                 private_key: Path | None = None, security: str = "None",
+                 policy: str = "Basic256Sha256") -> None:
         self.host, self.port = host, port
         self.namespace = namespace
         self.models = {x: ReactorModel(x, seed=seed + i) for i, x in enumerate(letters)}
         self.time_scale = time_scale
         self.frozen = False
         self.certificate, self.private_key, self.security = certificate, private_key, security
+        self.policy = policy
         self.server: Server | None = None
         self.ns = 0
         self._t0 = 0.0
@@ -173,9 +175,7 @@ class ReactorServer:
             assert self.certificate and self.private_key
             await server.load_certificate(str(self.certificate))
             await server.load_private_key(str(self.private_key))
-            policy = {"Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
-                      "SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt}[self.security]
-            server.set_security_policy([policy])
+            server.set_security_policy([getattr(ua.SecurityPolicyType, f"{self.policy}_{self.security}")])
         for i in range(self.extra_namespaces):  # a redeployed program can register namespaces in another order
             await server.register_namespace(f"urn:ninu:plant-1:other-{i}")
         self.ns = await server.register_namespace(self.namespace)

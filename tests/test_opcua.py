@@ -269,17 +269,21 @@ def _pki(tmp_path: Path, name: str, uri: str, server: bool) -> tuple[Path, Path]
     return cert_path, key_path
 
 
-async def test_sign_and_encrypt_basic256sha256(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("policy", "mode"), [
+    ("Basic256Sha256", "SignAndEncrypt"), ("Basic256Sha256", "Sign"),
+    ("Aes128Sha256RsaOaep", "SignAndEncrypt"), ("Aes256Sha256RsaPss", "SignAndEncrypt"),
+])
+async def test_secure_channel(tmp_path: Path, policy: str, mode: str) -> None:
     server_cert, server_key = _pki(tmp_path, "plc", "urn:freeopcua:python:server", server=True)
     client_cert, client_key = _pki(tmp_path, "gateway", "urn:ninu:edge-gateway:edge-01", server=False)
     other_cert, _ = _pki(tmp_path, "impostor", "urn:freeopcua:python:server", server=True)
-    server = ReactorServer(security="SignAndEncrypt", certificate=server_cert, private_key=server_key)
+    server = ReactorServer(security=mode, policy=policy, certificate=server_cert, private_key=server_key)
     await server.start()
     tags = [OpcTagSpec("reactor-a", "temperature", f"nsu={NAMESPACE};s=ReactorA.Temperature", expected="float")]
     try:
         from drivers.opcua import Security
 
-        secure = Security("SignAndEncrypt", "Basic256Sha256", client_cert, client_key, server_cert)
+        secure = Security(mode, policy, client_cert, client_key, server_cert)
         driver = OpcUaDriver(device_id=DEVICE, endpoint=server.endpoint, mode="poll", interval=0.1, timeout=3.0,
                              tags=tags, security=secure)
         await driver.connect()
@@ -287,12 +291,13 @@ async def test_sign_and_encrypt_basic256sha256(tmp_path: Path) -> None:
             (reading,) = await driver.read()
             assert reading.quality is Quality.GOOD and isinstance(reading.value, float)
             assert driver._client is not None
-            assert driver._client.security_policy.Mode == ua.MessageSecurityMode.SignAndEncrypt
+            assert driver._client.security_policy.Mode == getattr(ua.MessageSecurityMode, mode)
+            assert driver._client.security_policy.URI.endswith(policy.replace("Sha256Rsa", "_Sha256_Rsa"))
         finally:
             await driver.close()
 
         # The server is not the one whose certificate we pinned: refused, never downgraded.
-        pinned_wrong = Security("SignAndEncrypt", "Basic256Sha256", client_cert, client_key, other_cert)
+        pinned_wrong = Security(mode, policy, client_cert, client_key, other_cert)
         driver = OpcUaDriver(device_id=DEVICE, endpoint=server.endpoint, mode="poll", interval=0.1, timeout=1.0,
                              tags=tags, security=pinned_wrong)
         with pytest.raises(DeviceTimeout, match="is server_certificate the server's certificate"):
