@@ -343,3 +343,31 @@ async def test_slow_server_times_out_and_recovers(reactors: ReactorServer) -> No
     finally:
         await driver.close()
         await proxy.stop()
+
+
+async def test_username_password_from_the_environment(
+    plant_map: TagMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncua.crypto.permission_rules import User, UserRole
+
+    class OnlyEdge:
+        def get_user(self, _iserver: object, username: str | None = None, password: str | None = None,
+                     certificate: object = None) -> User | None:
+            return User(role=UserRole.User) if (username, password) == ("edge-01", "s3cret") else None
+
+    from gateway.brokers import free_port
+
+    port = free_port()
+    server = Server(user_manager=OnlyEdge())  # type: ignore[arg-type]
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/")
+    server.set_security_IDs(["Username"])
+    async with server:
+        tm = reactors_only(plant_map, endpoint=f"opc.tcp://127.0.0.1:{port}/", username="edge-01", mode="poll")
+        monkeypatch.setenv("EDGE_GATEWAY_OPCUA_PASSWORD", "s3cret")
+        driver = build_driver(tm, DEVICE)
+        await driver.connect()  # the reactor nodes are not there; the session is what counts
+        await driver.close()
+        monkeypatch.setenv("EDGE_GATEWAY_OPCUA_PASSWORD", "wrong")
+        with pytest.raises(DeviceUnreachable, match="cannot connect"):
+            await build_driver(tm, DEVICE).connect()
