@@ -371,3 +371,27 @@ async def test_username_password_from_the_environment(
         monkeypatch.setenv("EDGE_GATEWAY_OPCUA_PASSWORD", "wrong")
         with pytest.raises(DeviceUnreachable, match="cannot connect"):
             await build_driver(tm, DEVICE).connect()
+
+
+async def test_silent_server_is_detected_in_subscribe_mode(reactors: ReactorServer) -> None:
+    """The link stays open but nothing comes back (no publish responses, no keep-alives)."""
+    from simulators.proxy import FaultProxy
+
+    proxy = FaultProxy(reactors.host, reactors.port)
+    await proxy.start()
+    tags = [OpcTagSpec("reactor-a", "temperature", f"nsu={NAMESPACE};s=ReactorA.Temperature")]
+    driver = OpcUaDriver(device_id=DEVICE, endpoint=f"opc.tcp://127.0.0.1:{proxy.port}/reactors", mode="subscribe",
+                         interval=0.2, timeout=0.5, tags=tags)
+    try:
+        await driver.connect()
+        await _collect(driver, 5, 1)
+        proxy.hang = True
+        with pytest.raises((DeviceUnreachable, DeviceTimeout)):
+            async with asyncio.timeout(15):
+                while True:
+                    await driver.read()
+                    await asyncio.sleep(0.1)
+    finally:
+        proxy.hang = False
+        await driver.close()
+        await proxy.stop()
