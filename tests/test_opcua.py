@@ -395,3 +395,29 @@ async def test_silent_server_is_detected_in_subscribe_mode(reactors: ReactorServ
         proxy.hang = False
         await driver.close()
         await proxy.stop()
+
+
+async def test_server_side_deadband(reactors: ReactorServer) -> None:
+    """deadband_type absolute: the server sends a change only when it exceeds the tag's deadband."""
+    node = f"nsu={NAMESPACE};s=ReactorA.Temperature"  # noisy: changes on every simulator tick
+    tags = [OpcTagSpec("reactor-a", "wide", node, deadband=1000.0), OpcTagSpec("reactor-b", "counter",
+            f"nsu={NAMESPACE};s=ReactorB.Temperature")]
+    counts = {"wide": 0, "counter": 0}
+    for deadband_type in ("absolute", "none"):
+        driver = OpcUaDriver(device_id=DEVICE, endpoint=reactors.endpoint, mode="subscribe", interval=0.1,
+                             timeout=2.0, tags=tags, deadband_type=deadband_type, sampling_interval=0.05)
+        counts = {"wide": 0, "counter": 0}
+        await driver.connect()
+        try:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                for r in await driver.read():
+                    counts[r.tag] += 1
+                await asyncio.sleep(0.1)
+        finally:
+            await driver.close()
+        if deadband_type == "absolute":
+            assert counts["wide"] == 1, f"only the initial value passes a deadband of 1000: {counts}"
+            assert counts["counter"] >= 5, counts
+        else:
+            assert counts["wide"] >= 5, f"without a server deadband every change arrives: {counts}"
