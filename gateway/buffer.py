@@ -161,7 +161,9 @@ class Buffer:
         async with self.db.execute("SELECT topic, payload FROM state ORDER BY topic") as cur:
             return [(t, p) for t, p in await cur.fetchall()]
 
-    async def oldest_age(self) -> float | None:
-        async with self.db.execute("SELECT min(created) FROM outbox") as cur:
+    async def stats(self) -> tuple[int, float | None]:
+        """Payload bytes waiting, and the age in seconds of the oldest waiting row."""
+        async with self.db.execute("SELECT coalesce(sum(length(payload)), 0), min(created) FROM outbox") as cur:
             row = await cur.fetchone()
-        return None if not row or row[0] is None else time.time() - row[0]
+        size, oldest = row if row else (0, None)
+        return int(size), (None if oldest is None else max(0.0, time.time() - oldest))

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from .logs import configure
 
         configure(settings.log_format, settings.log_level)
-        return asyncio.run(_run(tag_map, settings))
+        return asyncio.run(_run(tag_map, settings, config))
     if args.command == "simulate":
         from .demo import simulate
 
@@ -93,14 +93,15 @@ def check(path: Path) -> int:
     return 0
 
 
-async def _run(tag_map: TagMap, settings: Settings) -> int:
+async def _run(tag_map: TagMap, settings: Settings, path: Path) -> int:
     from .app import Gateway
 
-    async def main(shutdown: asyncio.Event) -> int:
-        await Gateway(tag_map, settings).run(shutdown)
-        return 0
-
-    return await _with_signals(main)
+    shutdown = asyncio.Event()
+    gateway = Gateway(tag_map, settings, reload_map=lambda: load_tag_map(path))
+    _install_signals(shutdown)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.request_reload)
+    await gateway.run(shutdown)
+    return 0
 
 
 def _install_signals(shutdown: asyncio.Event) -> None:

@@ -120,13 +120,17 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
     print(f"reactors: {', '.join(f'{k}@{r.endpoint}' for k, r in reactors.items())}")
     print(f"buffer: {workdir / 'buffer.sqlite'}")
     print(f"subscribed to {tm.mqtt.topic_prefix}/#  (Ctrl-C to stop)\n", flush=True)
-    gateway = Gateway(tm, Settings(), buffer_path=workdir / "buffer.sqlite")
+    gateway = Gateway(tm, Settings(http_address="127.0.0.1:0"), buffer_path=workdir / "buffer.sqlite")
     stop_gateway = asyncio.Event()
     latencies: list[float] = []
     try:
         async with asyncio.TaskGroup() as tg:
             gw = tg.create_task(gateway.run(stop_gateway), name="gateway")
             view = tg.create_task(_view(tm, port, latencies), name="viewer")
+            await gateway.ready.wait()
+            if gateway.http is not None:
+                print(f"health: http://127.0.0.1:{gateway.http.port}/healthz  "
+                      f"metrics: http://127.0.0.1:{gateway.http.port}/metrics\n", flush=True)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(duration):
                     await shutdown.wait()

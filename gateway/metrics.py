@@ -30,6 +30,13 @@ class Metrics:
             "gateway_readings", "Readings taken, by quality", ["asset", "quality"], registry=r
         )
         self.buffer_rows = Gauge("gateway_buffer_rows", "Messages waiting in the buffer", registry=r)
+        self.buffer_bytes = Gauge("gateway_buffer_bytes", "Payload bytes waiting in the buffer", registry=r)
+        self.buffer_oldest_age = Gauge("gateway_buffer_oldest_age_seconds", "Age of the oldest waiting message",
+                                       registry=r)
+        self.alarms_active = Gauge("gateway_alarms_active", "Alarms not in normal state, by severity",
+                                   ["severity"], registry=r)
+        for severity in ("low", "medium", "high", "critical"):
+            self.alarms_active.labels(severity).set(0)
         self.buffer_errors = Counter(
             "gateway_buffer_errors", "Buffer writes or deletes that failed", ["op"], registry=r
         )

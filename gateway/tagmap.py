@@ -326,8 +326,10 @@ def _message(err: ErrorDetails) -> str:
         return f"unknown protocol {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
     if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == _ID_PATTERN:
         return f"{err['input']!r} is not an id: lowercase letters, digits, - and _, at most 63"
-    msg = str(err["msg"])
-    return msg.removeprefix("Value error, ")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if kind in ("enum", "literal_error"):
+        msg += f", not {err['input']!r}"
+    return msg
 
 
 def _problem(doc: Document, loc: Loc, message: str) -> Problem:

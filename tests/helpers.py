@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import jsonschema
@@ -96,8 +97,8 @@ async def collecting(port: int, topic: str, *, persistent: bool = False) -> Asyn
 
 
 @contextlib.asynccontextmanager
-async def running(tag_map: TagMap, buffer: Path) -> AsyncIterator[Gateway]:
-    gateway = Gateway(tag_map, Settings(), buffer_path=buffer)
+async def running(tag_map: TagMap, buffer: Path, **kwargs: Any) -> AsyncIterator[Gateway]:
+    gateway = Gateway(tag_map, Settings(http_address="127.0.0.1:0"), buffer_path=buffer, **kwargs)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
     try:

@@ -47,7 +47,8 @@ async def _run_and_stop(tmp_path: Path, stations: dict[str, Station], mosquitto:
                         reactors: ReactorServer) -> None:
     config = _map_file(tmp_path, stations, mosquitto.port, reactors)
     env = {**os.environ, "EDGE_GATEWAY_BUFFER_PATH": str(tmp_path / "buffer.sqlite"),
-           "EDGE_GATEWAY_LOG_FORMAT": "json"}
+           "EDGE_GATEWAY_LOG_FORMAT": "json",
+           "EDGE_GATEWAY_HTTP_ADDRESS": "127.0.0.1:0"}
     prefix = plant_map.mqtt.topic_prefix
     async with collecting(mosquitto.port, f"{prefix}/#") as sub:
         proc = await asyncio.create_subprocess_exec(
