@@ -99,9 +99,12 @@ async def _spawn(config: Path, env: dict[str, str], cwd: Path) -> asyncio.subpro
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> str:
+    """SIGTERM by pid; the gateway must be gone within 10 s (systemd's TimeoutStopSec is 15)."""
+    sent = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), 15)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0, err.decode()
+    print(f"SIGTERM to exit: {time.monotonic() - sent:.2f}s")
     return err.decode()
 
 
