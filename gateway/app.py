@@ -8,7 +8,6 @@ starts them again on the new map; a map that does not load is logged and the run
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -61,10 +60,18 @@ class _Generation:
         self.tasks = [tg.create_task(p.run(), name=f"poller[{d}]") for d, p in self.pollers.items()]
 
     async def stop(self) -> None:
-        """Stop polling; commit everything already read; the pipeline ends."""
-        for t in self.tasks:
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        """Stop polling; commit everything already read; the pipeline ends.
+
+        Python 3.11's ``asyncio.wait_for`` (used inside the protocol libraries) can swallow a
+        cancellation that races with a reply, so pollers also get a stop flag, and are cancelled
+        again until they are done.
+        """
+        for p in self.pollers.values():
+            p.stop()
+        while pending := [t for t in self.tasks if not t.done()]:
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=1.0)
         await self.queue.put(None)
         await self.pipe_task
 
@@ -163,13 +170,10 @@ class Gateway:
         if self.publisher is None:
             return
         await self.publisher.stop()
-        try:
-            async with asyncio.timeout(STOP_GRACE):
-                await asyncio.shield(self._pub_task)
-        except TimeoutError:
+        done, _ = await asyncio.wait([self._pub_task], timeout=STOP_GRACE)
+        while not done:  # asyncio.wait never swallows a cancellation of the caller
             self._pub_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pub_task
+            done, _ = await asyncio.wait([self._pub_task], timeout=1.0)
 
     async def _start_http(self) -> None:
         address = self.settings.http_address

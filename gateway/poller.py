@@ -38,10 +38,15 @@ class Poller:
         self.last_error: str | None = None
         self._down_since: float | None = None
         self._failures = 0
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Leave the loop at the next step, even if a cancellation got lost on the way."""
+        self._stopped = True
 
     async def run(self) -> None:
         try:
-            while True:
+            while not self._stopped:
                 try:
                     await self._connect()
                     await self._poll_loop()
@@ -63,7 +68,7 @@ class Poller:
 
     async def _poll_loop(self) -> None:
         next_at = time.monotonic()
-        while True:
+        while not self._stopped:
             started = time.monotonic()
             async with asyncio.timeout(self.read_timeout):
                 result = await self.driver.read()

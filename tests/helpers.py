@@ -107,8 +107,13 @@ async def running(tag_map: TagMap, buffer: Path, **kwargs: Any) -> AsyncIterator
         yield gateway
     finally:
         stop.set()
-        async with asyncio.timeout(15):
-            await task
+        done, _ = await asyncio.wait([task], timeout=15)
+        if not done:  # say where it is stuck, then fail
+            for t in asyncio.all_tasks():
+                t.print_stack(limit=8)
+            task.cancel()
+            raise AssertionError("the gateway did not stop within 15 s")
+        task.result()
 
 
 def tune(tag_map: TagMap, *, interval: float | None = None, timeout: float | None = None,
