@@ -171,22 +171,25 @@ def _show(topic: str, payload: object, latencies: list[float]) -> None:
     if leaf == "telemetry":
         for r in data["readings"][:1]:
             latencies.append(now - datetime.fromisoformat(r["ts"]).timestamp())
-    elif leaf == "state" and data["kind"] == "reactor":
-        v, q = data["values"], data["quality"]
-        bad = sum(1 for x in q.values() if x != "good")
-        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} "
-              f"T {_num(v.get('temperature')):>5} degC (sp {_num(v.get('temperature_setpoint'))})  "
-              f"p {_num(v.get('pressure'), 3)} bar  pH {_num(v.get('ph_level'), 2)} (target {_num(v.get('ph_target'), 1)})  "
-              f"{v.get('batch_id')}  {'all good' if not bad else f'{bad} bad'}", flush=True)
     elif leaf == "state":
         v, q = data["values"], data["quality"]
         bad = sum(1 for x in q.values() if x != "good")
-        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} "
-              f"units {v.get('units_total')!s:>10}  {_num(v.get('units_per_hour')):>7} u/h "
-              f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC  "
+        middle = _reactor_line(v) if data["kind"] == "reactor" else _station_line(v)
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} {middle}  "
               f"{'all good' if not bad else f'{bad} bad'}", flush=True)
     elif leaf == "status":
         print(f"gateway {data['gateway_id']} is {data['state']} (version {data['version']})", flush=True)
+
+
+def _reactor_line(v: dict[str, object]) -> str:
+    return (f"T {_num(v.get('temperature')):>5} degC (sp {_num(v.get('temperature_setpoint'))})  "
+            f"p {_num(v.get('pressure'), 3)} bar  pH {_num(v.get('ph_level'), 2)} "
+            f"(target {_num(v.get('ph_target'), 1)})  {v.get('batch_id')}")
+
+
+def _station_line(v: dict[str, object]) -> str:
+    return (f"units {v.get('units_total')!s:>10}  {_num(v.get('units_per_hour')):>7} u/h "
+            f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC")
 
 
 def _num(x: object, digits: int = 1) -> str:

@@ -124,3 +124,29 @@ def tune(tag_map: TagMap, *, interval: float | None = None, timeout: float | Non
     if reconnect_max is not None:
         update["mqtt"] = tag_map.mqtt.model_copy(update={"reconnect_max": reconnect_max})
     return tag_map.model_copy(update=update)
+
+
+PLANT = Path(__file__).resolve().parents[1] / "config" / "plant.yaml"
+STATION_DEVICES = ["filling-1-plc", "labeling-1-plc", "capping-1-plc", "packaging-1-plc", "powder-1-plc"]
+
+
+def plant_file(tmp_path: Path, *, mqtt_port: int, stations: dict[str, Any], reactors_endpoint: str | None = None,
+               interval: str = "1s") -> Path:
+    """config/plant.yaml as a file, pointed at the test broker and simulators, for a gateway subprocess.
+
+    Without ``reactors_endpoint`` the reactors (their OPC-UA device and assets) are left out.
+    """
+    text = PLANT.read_text().replace("port: 1883", f"port: {mqtt_port}")
+    for i, dev in enumerate(STATION_DEVICES):
+        text = text.replace(f"port: {5020 + i}, unit: 1, interval: 1s",
+                            f"port: {stations[dev].port}, unit: 1, interval: {interval}")
+    if reactors_endpoint is not None:
+        text = text.replace("opc.tcp://127.0.0.1:4840/reactors", reactors_endpoint)
+    else:
+        head, _, rest = text.partition("  - id: reactors-plc\n")
+        text = head + rest[rest.index("  - {id: filling-1-plc"):]
+        assets_at = text.index("assets:\n")
+        text = text[:assets_at] + "assets:\n" + text[text.index("  - {id: filling-1,"):]
+    path = tmp_path / "plant.yaml"
+    path.write_text(text)
+    return path

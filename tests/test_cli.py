@@ -17,19 +17,9 @@ from simulators.reactors import ReactorServer
 from simulators.stations import Station
 
 from .conftest import PLANT, ROOT
-from .helpers import collecting, validate, wait_until
+from .helpers import collecting, plant_file, validate, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def _map_file(tmp_path: Path, stations: dict[str, Station], mqtt_port: int, reactors: ReactorServer) -> Path:
-    text = PLANT.read_text().replace("port: 1883", f"port: {mqtt_port}")
-    text = text.replace("opc.tcp://127.0.0.1:4840/reactors", reactors.endpoint)
-    for i, dev in enumerate(["filling-1-plc", "labeling-1-plc", "capping-1-plc", "packaging-1-plc", "powder-1-plc"]):
-        text = text.replace(f"port: {5020 + i},", f"port: {stations[dev].port},")
-    path = tmp_path / "plant.yaml"
-    path.write_text(text)
-    return path
 
 
 async def test_run_publishes_and_stops_cleanly_on_sigterm(
@@ -45,7 +35,7 @@ async def test_run_publishes_and_stops_cleanly_on_sigterm(
 
 async def _run_and_stop(tmp_path: Path, stations: dict[str, Station], mosquitto: Mosquitto, plant_map: TagMap,
                         reactors: ReactorServer) -> None:
-    config = _map_file(tmp_path, stations, mosquitto.port, reactors)
+    config = plant_file(tmp_path, mqtt_port=mosquitto.port, stations=stations, reactors_endpoint=reactors.endpoint)
     env = {**os.environ, "EDGE_GATEWAY_BUFFER_PATH": str(tmp_path / "buffer.sqlite"),
            "EDGE_GATEWAY_LOG_FORMAT": "json",
            "EDGE_GATEWAY_HTTP_ADDRESS": "127.0.0.1:0"}

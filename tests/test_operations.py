@@ -22,8 +22,8 @@ from gateway.sdnotify import Notifier
 from gateway.tagmap import TagMap
 from simulators.stations import Station
 
-from .conftest import PLANT, ROOT
-from .helpers import collecting, running, tune, wait_until
+from .conftest import ROOT
+from .helpers import collecting, plant_file, running, tune, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,21 +71,6 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-def _map_file(tmp_path: Path, stations: dict[str, Station], mqtt_port: int, *, interval: str = "1s") -> Path:
-    text = PLANT.read_text().replace("port: 1883", f"port: {mqtt_port}")
-    for i, dev in enumerate(["filling-1-plc", "labeling-1-plc", "capping-1-plc", "packaging-1-plc", "powder-1-plc"]):
-        text = text.replace(f"port: {5020 + i}, unit: 1, interval: 1s", f"port: {stations[dev].port}, unit: 1, interval: {interval}")
-    # The reactors are not needed here: drop the OPC-UA device and its assets.
-    head, _, rest = text.partition("  - id: reactors-plc\n")
-    rest = rest[rest.index("  - {id: filling-1-plc"):]
-    text = head + rest
-    assets_at = text.index("assets:\n")
-    text = text[:assets_at] + "assets:\n" + text[text.index("  - {id: filling-1,"):]
-    path = tmp_path / "plant.yaml"
-    path.write_text(text)
-    return path
-
-
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "EDGE_GATEWAY_BUFFER_PATH": str(tmp_path / "buffer.sqlite"),
             "EDGE_GATEWAY_LOG_FORMAT": "json", "EDGE_GATEWAY_HTTP_ADDRESS": "127.0.0.1:0", **extra}
@@ -114,7 +99,7 @@ async def test_ready_watchdog_stopping_on_a_real_notify_socket(
     notify = NotifySocket(tmp_path / "notify.sock")
     try:
         env = _env(tmp_path, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000")
-        proc = await _spawn(_map_file(tmp_path, stations, mosquitto.port), env, tmp_path)
+        proc = await _spawn(plant_file(tmp_path, mqtt_port=mosquitto.port, stations=stations), env, tmp_path)
         await wait_until(lambda: len(notify.lines("WATCHDOG=1")) >= 4, 15, "watchdog pings")
         err = await _stop(proc)
         await wait_until(lambda: bool(notify.lines("STOPPING=1")), 5, "STOPPING=1")
@@ -200,7 +185,7 @@ async def test_metrics_pass_promtool(live_map: TagMap, tmp_path: Path) -> None:
 async def test_sigterm_under_load_loses_nothing(
     tmp_path: Path, stations: dict[str, Station], mosquitto: Mosquitto, plant_map: TagMap
 ) -> None:
-    config = _map_file(tmp_path, stations, mosquitto.port, interval="50ms")
+    config = plant_file(tmp_path, mqtt_port=mosquitto.port, stations=stations, interval="50ms")
     prefix = plant_map.mqtt.topic_prefix
     async with collecting(mosquitto.port, f"{prefix}/+/+/telemetry", persistent=True) as sub:
         proc = await _spawn(config, _env(tmp_path), tmp_path)
@@ -223,7 +208,7 @@ async def test_sigterm_under_load_loses_nothing(
 async def test_sighup_reloads_a_good_map_and_keeps_a_running_one_on_a_bad_map(
     tmp_path: Path, stations: dict[str, Station], mosquitto: Mosquitto, plant_map: TagMap
 ) -> None:
-    config = _map_file(tmp_path, stations, mosquitto.port, interval="100ms")
+    config = plant_file(tmp_path, mqtt_port=mosquitto.port, stations=stations, interval="100ms")
     good = config.read_text()
     prefix = plant_map.mqtt.topic_prefix
     async with collecting(mosquitto.port, f"{prefix}/+/+/telemetry") as sub:
