@@ -20,6 +20,7 @@ class DriverError(Exception):
 
     def __init__(self, device: str, message: str) -> None:
         self.device = device
+        self.detail = message  # without the device: what a tag's reason says
         super().__init__(f"{device}: {message}")
 
 

@@ -85,7 +85,8 @@ class _Handler:
         self.wake.set()
 
     def status_change_notification(self, status: Any) -> None:
-        self.status = getattr(status, "Status", status)
+        # A StatusChangeNotification from the server, or a bare StatusCode when asyncua loses the link.
+        self.status = ua.StatusCode(getattr(getattr(status, "Status", status), "value", status))
         self.wake.set()
 
 
@@ -300,8 +301,8 @@ class OpcUaDriver:
         if sub is not None and sub.is_stale(2.0):
             raise DeviceTimeout(self.device_id, "subscription stopped publishing (no keep-alive)")
         status = self._handler.status
-        if status is not None and not ua.StatusCode(getattr(status, "value", status)).is_good():
-            raise DeviceUnreachable(self.device_id, f"subscription status {ua.StatusCode(status.value).name}")
+        if status is not None and not status.is_good():
+            raise DeviceUnreachable(self.device_id, f"subscription status {status.name}")
         now = time.time()
         out = []
         queue = self._queue

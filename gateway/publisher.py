@@ -74,14 +74,16 @@ class Publisher:
         self._stopping.set()
         self._wake.set()
 
+    def _status_payload(self, *, online: bool) -> bytes:
+        return codec.status(online=online, gateway_id=self.gateway_id, version=self.version,
+                            boot_id=self.boot_id, ts=time.time())
+
     def _client(self) -> aiomqtt.Client:
-        status = codec.status(online=False, gateway_id=self.gateway_id, version=self.version,
-                              boot_id=self.boot_id, ts=time.time())
         client = aiomqtt.Client(
             self.cfg.host, self.cfg.port,
             identifier=self.cfg.client_id or f"edge-gateway-{self.gateway_id}",
             username=self.cfg.username, password=self.password,
-            will=aiomqtt.Will(self.topics.status, status, qos=1, retain=True),
+            will=aiomqtt.Will(self.topics.status, self._status_payload(online=False), qos=1, retain=True),
             clean_session=True, keepalive=int(self.cfg.keepalive), timeout=self.cfg.publish_timeout,
             max_inflight_messages=self.cfg.max_inflight,
         )
@@ -156,9 +158,7 @@ class Publisher:
                 self.metrics.publishes.labels("state").inc()
 
     async def _status(self, client: aiomqtt.Client, *, online: bool) -> None:
-        payload = codec.status(online=online, gateway_id=self.gateway_id, version=self.version,
-                               boot_id=self.boot_id, ts=time.time())
-        await client.publish(self.topics.status, payload, qos=1, retain=True,
+        await client.publish(self.topics.status, self._status_payload(online=online), qos=1, retain=True,
                              timeout=self.cfg.publish_timeout)
 
     async def _ack_loop(self) -> None:

@@ -89,7 +89,7 @@ class ModbusTcpDriver:
             ts = time.time()
             if isinstance(reply, DeviceException):
                 result.errors.append(reply)
-                result.extend(read.bad(str(reply).split(": ", 1)[1], ts))
+                result.extend(read.bad(reply.detail, ts))
             elif read.request.table.is_bits:
                 result.extend(read.decode_bits(reply.bits, ts))
             else:
