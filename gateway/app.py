@@ -20,14 +20,16 @@ from .buffer import Buffer
 from .health import HealthServer
 from .logs import get
 from .metrics import Metrics
-from .pipeline import Pipeline
-from .poller import DeviceBatch, Poller
+from . import commands as cmds
+from .pipeline import Item, Pipeline
+from .poller import Poller
 from .publisher import Publisher
 from .sdnotify import Notifier
 from .settings import Settings
 from .tagmap import SourceError, TagMap
 
 QUEUE_SIZE = 1024
+COMMAND_TIMEOUT = 10.0  # an operator command not answered by then gets an error reply
 STOP_GRACE = 5.0  # seconds the publisher gets to say offline at shutdown
 
 
@@ -43,7 +45,7 @@ class _Generation:
     """Pollers and the pipeline of one tag map."""
 
     def __init__(self, gw: Gateway, tm: TagMap, buffer: Buffer, publisher: Publisher) -> None:
-        self.queue: asyncio.Queue[DeviceBatch | None] = asyncio.Queue(QUEUE_SIZE)
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_SIZE)
         self.pipeline = Pipeline(tag_map=tm, buffer=buffer, queue=self.queue, boot_id=gw.boot_id,
                                  metrics=gw.metrics, on_commit=publisher.notify)
         self.pollers: dict[str, Poller] = {}
@@ -90,6 +92,7 @@ class Gateway:
         self.boot_id = uuid.uuid4().hex
         self.log = get(gateway=tag_map.gateway.id)
         self.pollers: dict[str, Poller] = {}
+        self.generation: _Generation | None = None
         self.publisher: Publisher | None = None
         self.buffer: Buffer | None = None
         self.http: HealthServer | None = None
@@ -120,9 +123,7 @@ class Gateway:
             await self._start_http()
             watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
             stats = tg.create_task(self._buffer_stats(buffer), name="buffer-stats")
-            gen = _Generation(self, tm, buffer, publisher)
-            gen.start(tg)
-            self.pollers = gen.pollers
+            gen = self._generation(tm, buffer, publisher, tg)
             self.ready.set()
             self.notifier.ready(f"{len(tm.devices)} devices, {len(tm.assets)} assets")
             while True:
@@ -141,9 +142,7 @@ class Gateway:
                     await self._stop_publisher()
                     publisher = self._start_publisher(new, buffer, tg)
                 tm = self.tag_map = new
-                gen = _Generation(self, tm, buffer, publisher)
-                gen.start(tg)
-                self.pollers = gen.pollers
+                gen = self._generation(tm, buffer, publisher, tg)
                 self.reloads += 1
                 self.log.info("tag map reloaded", devices=len(tm.devices), assets=len(tm.assets))
                 self.notifier.status(f"reloaded: {len(tm.devices)} devices, {len(tm.assets)} assets")
@@ -158,10 +157,25 @@ class Gateway:
         self.log.info("gateway stopped", backlog=buffer.rows)
 
     # -- parts -------------------------------------------------------------------------------
+    def _generation(self, tm: TagMap, buffer: Buffer, publisher: Publisher, tg: asyncio.TaskGroup) -> _Generation:
+        gen = self.generation = _Generation(self, tm, buffer, publisher)
+        gen.start(tg)
+        self.pollers = gen.pollers
+        return gen
+
+    async def command(self, command: cmds.Command) -> bytes:
+        """An operator command, handed to the running tag map's alarms; the reply to publish."""
+        gen = self.generation
+        if gen is None:
+            return cmds.reply(gateway_id=self.tag_map.gateway.id, command=command.name,
+                              request_id=command.request_id, ts=time.time(), error="the gateway is starting")
+        return await gen.pipeline.submit(command, COMMAND_TIMEOUT)
+
     def _start_publisher(self, tm: TagMap, buffer: Buffer, tg: asyncio.TaskGroup) -> Publisher:
         self.publisher = Publisher(
             cfg=tm.mqtt, gateway_id=tm.gateway.id, boot_id=self.boot_id, version=__version__,
             buffer=buffer, metrics=self.metrics, password=mqtt_password(tm, self.settings),
+            on_command=self.command,
         )
         self._pub_task = tg.create_task(self.publisher.run(), name="publisher")
         return self.publisher

@@ -1,10 +1,13 @@
 """Store-and-forward buffer in SQLite (aiosqlite, WAL).
 
-Every sequenced message (telemetry now; alerts and events later) is committed here before it is
-published and deleted only after the broker's PUBACK. ``seq`` is the row's primary key with
+Every sequenced message (telemetry, events, alarm transitions) is committed here before it is
+published and deleted only after the broker's PUBACK. Each row has a priority (telemetry 0, events 1,
+alerts 2) that decides what a full buffer gives up first. ``seq`` is the row's primary key with
 AUTOINCREMENT, so it is never reused, survives restarts and has no gaps: a number is only consumed
 by a committed row. Retained per-asset ``state`` is a snapshot, kept one row per topic and
-replaced in place: after an outage only the newest state matters.
+replaced in place: after an outage only the newest state matters. ``memory`` holds what the
+gateway must remember across restarts (alarm states, last status, derived counters), written in the
+same transaction as the messages it explains, so the two never disagree after a crash.
 """
 
 from __future__ import annotations
@@ -24,14 +27,28 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     asset TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS state (
     topic TEXT PRIMARY KEY,
     payload BLOB NOT NULL,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS memory (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
+TELEMETRY, EVENT, ALERT = 0, 1, 2  # priorities: a full buffer drops telemetry first, alerts last
+
+
+class Message(NamedTuple):
+    seq: int
+    topic: str
+    payload: bytes
+    asset: str
+    priority: int = TELEMETRY
 
 
 class Row(NamedTuple):
@@ -72,6 +89,10 @@ class Buffer:
                            "foreign_keys=OFF"):
                 await db.execute(f"PRAGMA {pragma}")
             await db.executescript(SCHEMA)
+            async with db.execute("PRAGMA table_info(outbox)") as cur:
+                columns = {r[1] for r in await cur.fetchall()}
+            if "priority" not in columns:  # a buffer written before priorities existed
+                await db.execute("ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
             async with db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'") as cur:
                 row = await cur.fetchone()
             self._next_seq = (row[0] if row else 0) + 1
@@ -97,26 +118,29 @@ class Buffer:
         """The seq the next appended message gets; valid until append() commits."""
         return self._next_seq
 
-    async def append(self, messages: Sequence[tuple[int, str, bytes, str]],
-                     states: Iterable[tuple[str, bytes]] = ()) -> None:
-        """Commit ``(seq, topic, payload, asset)`` rows and state snapshots in one transaction.
+    async def append(self, messages: Sequence[Message | tuple[int, str, bytes, str]],
+                     states: Iterable[tuple[str, bytes]] = (),
+                     memory: Iterable[tuple[str, bytes]] = ()) -> None:
+        """Commit messages, state snapshots and memory entries in one transaction.
 
         The caller numbers messages from ``next_seq`` upwards, in order, without holes.
         """
-        if messages and messages[0][0] != self._next_seq:
-            raise ValueError(f"first seq {messages[0][0]} is not next_seq {self._next_seq}")
+        msgs = [m if isinstance(m, Message) else Message(*m) for m in messages]
+        if msgs and msgs[0].seq != self._next_seq:
+            raise ValueError(f"first seq {msgs[0].seq} is not next_seq {self._next_seq}")
         now = time.time()
         async with self._write:
             await self._committed(
-                ("INSERT INTO outbox(seq, topic, payload, asset, created) VALUES (?, ?, ?, ?, ?)",
-                 [(seq, topic, payload, asset, now) for seq, topic, payload, asset in messages]),
+                ("INSERT INTO outbox(seq, topic, payload, asset, created, priority) VALUES (?, ?, ?, ?, ?, ?)",
+                 [(m.seq, m.topic, m.payload, m.asset, now, m.priority) for m in msgs]),
                 ("INSERT INTO state(topic, payload, updated) VALUES (?, ?, ?) "
                  "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, updated=excluded.updated",
                  [(topic, payload, now) for topic, payload in states]),
+                ("INSERT OR REPLACE INTO memory(key, value) VALUES (?, ?)", list(memory)),
             )
-        if messages:
-            self._next_seq = messages[-1][0] + 1
-            self.rows += len(messages)
+        if msgs:
+            self._next_seq = msgs[-1].seq + 1
+            self.rows += len(msgs)
 
     async def fetch(self, after: int, limit: int) -> list[Row]:
         """Committed rows after ``after`` (never rows of a transaction still open)."""
@@ -160,6 +184,12 @@ class Buffer:
     async def states(self) -> list[tuple[str, bytes]]:
         async with self.db.execute("SELECT topic, payload FROM state ORDER BY topic") as cur:
             return [(t, p) for t, p in await cur.fetchall()]
+
+    async def memory(self, prefix: str) -> dict[str, bytes]:
+        """Memory entries whose key starts with ``prefix``."""
+        async with self.db.execute("SELECT key, value FROM memory WHERE substr(key, 1, ?) = ?",
+                                   (len(prefix), prefix)) as cur:
+            return {k: v for k, v in await cur.fetchall()}
 
     async def stats(self) -> tuple[int, float | None]:
         """Payload bytes waiting, and the age in seconds of the oldest waiting row."""

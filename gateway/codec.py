@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import orjson
 
 from .model import Quality, Reading, iso_ms
+from .rules import Transition
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,9 @@ class Topics:
     @property
     def status(self) -> str:
         return f"{self.prefix}/gateways/{self.gateway_id}/status"
+
+    def command(self, name: str) -> str:
+        return f"{self.prefix}/gateways/{self.gateway_id}/cmd/{name}"
 
     def asset(self, kind: str, asset_id: str, leaf: str) -> str:
         return f"{self.prefix}/{kind}s/{asset_id}/{leaf}"
@@ -57,6 +61,68 @@ def state(*, asset_id: str, asset_name: str, kind: str, ts: float,
         "values": {tag: r.value for tag, r in latest.items()},
         "quality": {tag: r.quality.value for tag, r in latest.items()},
         "reasons": {tag: r.reason for tag, r in latest.items() if r.quality is not Quality.GOOD},
+    })
+
+
+def alert(*, gateway_id: str, seq: int, asset_name: str, kind: str, t: Transition) -> bytes:
+    """One alarm transition. Carries the production API's ``quality-alert`` fields (asset, parameter
+    name, measured value, target value, deviation percentage, severity, code, timestamp)."""
+    return orjson.dumps({
+        "event": "quality-alert",
+        "gateway_id": gateway_id,
+        "seq": seq,
+        "alarm_id": t.alarm_id,
+        "asset_id": t.asset_id,
+        "asset_name": asset_name,
+        "kind": kind,
+        "tag": t.tag,
+        "rule": t.rule,
+        "rule_id": t.rule_id,
+        "code": t.code,
+        "state": t.state.value,
+        "previous_state": t.previous.value,
+        "active": t.active,
+        "trigger": t.trigger,
+        "severity": t.severity,
+        "value": t.value,
+        "unit": t.unit,
+        "limit": t.limit,
+        "target": t.target,
+        "deviation_percentage": t.deviation_percentage,
+        "message": t.message,
+        "user": t.user,
+        "comment": t.comment,
+        "shelved_until": iso_ms(t.shelved_until) if t.shelved_until is not None else None,
+        "ts": iso_ms(t.ts),
+    })
+
+
+def alarms(items: Iterable[Mapping[str, object]]) -> bytes:
+    """The retained list of an asset's alarms that are not normal (``[]`` when all are normal)."""
+    out = []
+    for a in items:
+        item = dict(a)
+        for key in ("since", "shelved_until"):
+            v = item.get(key)
+            item[key] = iso_ms(v) if isinstance(v, (int, float)) else None
+        out.append(item)
+    return orjson.dumps(out)
+
+
+def event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str,
+          old: object, new: object, ts: float) -> bytes:
+    """A status change, named like the production API's ``station-status`` / ``reactor-update``."""
+    return orjson.dumps({
+        "event": "station-status" if kind == "station" else "reactor-update",
+        "gateway_id": gateway_id,
+        "seq": seq,
+        "asset_id": asset_id,
+        "asset_name": asset_name,
+        "kind": kind,
+        "tag": tag,
+        "old_status": old,
+        "new_status": new,
+        "ts": iso_ms(ts),
     })
 
 

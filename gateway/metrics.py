@@ -37,6 +37,10 @@ class Metrics:
                                    ["severity"], registry=r)
         for severity in ("low", "medium", "high", "critical"):
             self.alarms_active.labels(severity).set(0)
+        self.alarm_transitions = Counter("gateway_alarm_transitions", "Alarm state changes, by new state",
+                                         ["severity", "state"], registry=r)
+        self.commands = Counter("gateway_commands", "Operator commands, by result (ok, refused, rejected)",
+                                ["command", "result"], registry=r)
         self.buffer_errors = Counter(
             "gateway_buffer_errors", "Buffer writes or deletes that failed", ["op"], registry=r
         )

@@ -1,8 +1,12 @@
-"""Readings -> sequenced telemetry rows and state snapshots, committed to the buffer in batches.
+"""Readings -> rules -> sequenced messages and state snapshots, committed to the buffer in batches.
 
 Batching is adaptive: the pipeline takes every batch already queued, commits them in one
 transaction, then wakes the publisher. Under light load each poll commits alone (lowest latency);
 under heavy load commits grow (highest throughput).
+
+The alarm engine lives here, so a reading, the alarm transition it causes and the alarm state the
+gateway must remember are committed together: after a crash the three agree. Operator commands come
+through the same queue as readings and are answered only once their effect is committed.
 """
 
 from __future__ import annotations
@@ -11,81 +15,239 @@ import asyncio
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import orjson
 
 from . import codec
-from .buffer import Buffer
+from . import commands as cmds
+from .buffer import ALERT, EVENT, TELEMETRY, Buffer, Message
 from .codec import Topics
 from .logs import get
 from .metrics import Metrics
 from .model import Quality, Reading
 from .poller import DeviceBatch
+from .rules import AssetInfo, CommandError, Engine, Transition
 from .tagmap import TagMap
+
+Item = DeviceBatch | cmds.Command | None
+STATUS_TAG = "status"  # a change of this tag is an `events` message
+_Pending = tuple[str, str, int, Callable[..., bytes]]  # asset, topic, priority, payload(seq=...)
 
 
 class Pipeline:
-    def __init__(self, *, tag_map: TagMap, buffer: Buffer, queue: asyncio.Queue[DeviceBatch | None],
-                 boot_id: str, metrics: Metrics, on_commit: Callable[[list[tuple[str, bytes]]], None]) -> None:
+    def __init__(self, *, tag_map: TagMap, buffer: Buffer, queue: asyncio.Queue[Item],
+                 boot_id: str, metrics: Metrics, on_commit: Callable[[list[tuple[str, bytes]]], None],
+                 clock: Callable[[], float] = time.time) -> None:
         self.tag_map = tag_map
         self.buffer = buffer
         self.queue = queue
         self.boot_id = boot_id
         self.metrics = metrics
         self.on_commit = on_commit  # called with the state snapshots just committed
+        self.clock = clock
+        self.gateway_id = tag_map.gateway.id
         self.topics = Topics(tag_map.mqtt.topic_prefix, tag_map.gateway.id)
         self.assets = {a.id: a for a in tag_map.assets}
         self.deadbands = {(a.id, n): t.deadband for a in tag_map.assets for n, t in a.tags.items()}
         self.latest: dict[str, dict[str, Reading]] = defaultdict(dict)  # last reading per tag
         self.reported: dict[tuple[str, str], Reading] = {}  # last reading sent in telemetry
+        self.statuses: dict[str, object] = {}  # last good status per asset
+        self.engine = Engine(
+            (AssetInfo(id=a.id, name=a.name, rules=tuple(a.rules),
+                       devices={n: t.device for n, t in a.tags.items()},
+                       units={n: t.unit for n, t in a.tags.items()})
+             for a in tag_map.assets),
+            start=clock(),
+        )
         self.log = get(component="pipeline")
+        self._restored = False
 
+    # -- running ---------------------------------------------------------------------------------
     async def run(self) -> None:
         """Commit batches until a ``None`` arrives (shutdown: everything before it is committed)."""
+        await self.restore()
         while True:
-            batches = [await self.queue.get()]
+            items: list[Item] = []
+            deadline = self.engine.next_deadline()
+            try:
+                async with asyncio.timeout_at(None if deadline is None else
+                                              asyncio.get_running_loop().time() + max(0.0, deadline - self.clock())):
+                    items.append(await self.queue.get())
+            except TimeoutError:
+                pass  # a delay ran out, a value went stale, a shelving expired: tick
             while not self.queue.empty():
-                batches.append(self.queue.get_nowait())
-            done = None in batches
-            await self.commit([b for b in batches if b is not None])
+                items.append(self.queue.get_nowait())
+            done = None in items
+            await self.commit([i for i in items if i is not None])
             if done:
                 return
 
-    async def commit(self, batches: list[DeviceBatch]) -> None:
-        by_asset: dict[str, list[Reading]] = defaultdict(list)
-        for batch in batches:
-            for r in batch.readings:
-                by_asset[r.asset].append(r)
-        seq = self.buffer.next_seq
-        rows: list[tuple[int, str, bytes, str]] = []
-        states: list[tuple[str, bytes]] = []
-        gw = self.tag_map.gateway.id
-        for asset_id, readings in by_asset.items():
-            asset = self.assets[asset_id]
-            self._count(asset_id, readings)
-            report = [r for r in readings if self._report(r)]
-            if report:
-                payload = codec.telemetry(gateway_id=gw, boot_id=self.boot_id, seq=seq,
-                                          asset_id=asset_id, readings=report)
-                rows.append((seq, self.topics.asset(asset.kind, asset_id, "telemetry"), payload, asset_id))
-                seq += 1
-            latest = self.latest[asset_id]
-            if any(_changed(latest.get(r.tag), r) for r in readings):
-                latest.update((r.tag, r) for r in readings)
-                topic = self.topics.asset(asset.kind, asset_id, "state")
-                states.append((topic, codec.state(asset_id=asset_id, asset_name=asset.name,
-                                                  kind=asset.kind, ts=time.time(), latest=latest)))
-        if not rows and not states:
-            return
+    async def submit(self, command: cmds.Command, timeout: float) -> bytes:
+        """Queue an operator command; its reply once the effect is committed."""
+        loop = asyncio.get_running_loop()
+        command.reply = loop.create_future()
         try:
-            await self.buffer.append(rows, states)
+            async with asyncio.timeout(timeout):
+                await self.queue.put(command)
+                return await command.reply
+        except TimeoutError:
+            return self._reply(command, error="the gateway did not answer in time; nothing may have changed")
+
+    async def restore(self) -> None:
+        """Alarm states and last statuses from the buffer; the retained alarms of every asset."""
+        if self._restored:
+            return
+        self._restored = True
+        memory = await self.buffer.memory("")
+        dropped = 0
+        for key, raw in memory.items():
+            kind, _, ident = key.partition(":")
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if kind == "alarm" and isinstance(value, dict):
+                dropped += not self.engine.restore(ident, value)
+            elif kind == "status" and ident in self.assets:
+                self.statuses[ident] = value
+        if dropped:
+            self.log.warning("alarm states not restored (rule gone or changed)", alarms=dropped)
+        states = [self._alarms_state(a) for a in self.assets if self.assets[a].rules]
+        await self.buffer.append([], states)
+        self._alarm_metrics([])
+        self.on_commit(states)
+
+    # -- one commit ------------------------------------------------------------------------------
+    async def commit(self, items: list[DeviceBatch | cmds.Command]) -> None:
+        now = self.clock()
+        pending: list[_Pending] = []
+        transitions: list[Transition] = self.engine.tick(now)
+        states: list[tuple[str, bytes]] = []
+        memory: list[tuple[str, bytes]] = []
+        by_asset: dict[str, list[Reading]] = defaultdict(list)
+        commands: list[cmds.Command] = []
+        for item in items:
+            if isinstance(item, cmds.Command):
+                commands.append(item)
+                continue
+            transitions += self.engine.device(item.device, item.connected, now)
+            for r in item.readings:
+                by_asset[r.asset].append(r)
+        for asset_id, readings in by_asset.items():
+            self._telemetry(asset_id, readings, pending, states, memory)
+            transitions += self.engine.update(readings, now)
+        replies: list[tuple[cmds.Command, bytes]] = []
+        for command in commands:
+            t, reply = self._apply(command, now)
+            transitions += t
+            replies.append((command, reply))
+        self._alerts(transitions, pending, states, memory)
+        if not pending and not states and not memory:
+            self._answer(replies)
+            return
+        seq = self.buffer.next_seq
+        rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio) for i, (asset, topic, prio, make)
+                in enumerate(pending)]
+        try:
+            await self.buffer.append(rows, states, memory)
         except sqlite3.Error as exc:
             # The disk-full policy (evict by priority) is not built yet: count and log the loss.
             self.metrics.buffer_errors.labels("append").inc()
             self.metrics.drops.labels("buffer_error").inc(len(rows))
             self.log.error("buffer write failed, messages dropped", rows=len(rows), error=str(exc))
+            self._answer([(c, self._reply(c, error=f"buffer write failed: {exc}")) for c, _ in replies])
             return
         self.metrics.buffer_rows.set(self.buffer.rows)
+        self._alarm_metrics(transitions)
+        self._answer(replies)
         self.on_commit(states)
+
+    def _telemetry(self, asset_id: str, readings: list[Reading], pending: list[_Pending],
+                   states: list[tuple[str, bytes]], memory: list[tuple[str, bytes]]) -> None:
+        asset = self.assets[asset_id]
+        self._count(asset_id, readings)
+        report = [r for r in readings if self._report(r)]
+        if report:
+            pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
+                            partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id,
+                                    asset_id=asset_id, readings=report)))
+        for r in readings:
+            if r.tag == STATUS_TAG and r.quality is Quality.GOOD and r.value != self.statuses.get(asset_id):
+                old = self.statuses.get(asset_id)
+                self.statuses[asset_id] = r.value
+                memory.append((f"status:{asset_id}", orjson.dumps(r.value)))
+                if old is not None:  # the first status ever seen is no change
+                    pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "events"), EVENT,
+                                    partial(codec.event, gateway_id=self.gateway_id, asset_id=asset_id,
+                                            asset_name=asset.name, kind=asset.kind, tag=r.tag, old=old,
+                                            new=r.value, ts=r.ts)))
+        latest = self.latest[asset_id]
+        if any(_changed(latest.get(r.tag), r) for r in readings):
+            latest.update((r.tag, r) for r in readings)
+            topic = self.topics.asset(asset.kind, asset_id, "state")
+            states.append((topic, codec.state(asset_id=asset_id, asset_name=asset.name,
+                                              kind=asset.kind, ts=self.clock(), latest=latest)))
+
+    def _alerts(self, transitions: list[Transition], pending: list[_Pending], states: list[tuple[str, bytes]],
+                memory: list[tuple[str, bytes]]) -> None:
+        changed: dict[str, None] = {}
+        for t in transitions:
+            asset = self.assets[t.asset_id]
+            pending.append((t.asset_id, self.topics.asset(asset.kind, t.asset_id, "alerts"), ALERT,
+                            partial(codec.alert, gateway_id=self.gateway_id, asset_name=asset.name,
+                                    kind=asset.kind, t=t)))
+            memory.append((f"alarm:{t.alarm_id}", orjson.dumps(self.engine.snapshot(t.alarm_id))))
+            changed[t.asset_id] = None
+            log = self.log.warning if t.state.value.startswith("active") else self.log.info
+            log("alarm", alarm_id=t.alarm_id,
+                         state=t.state.value, previous=t.previous.value, trigger=t.trigger,
+                         severity=t.severity, code=t.code, value=t.value)
+        states.extend(self._alarms_state(a) for a in changed)
+
+    def _alarms_state(self, asset_id: str) -> tuple[str, bytes]:
+        asset = self.assets[asset_id]
+        return (self.topics.asset(asset.kind, asset_id, "alarms"), codec.alarms(self.engine.not_normal(asset_id)))
+
+    def _apply(self, c: cmds.Command, now: float) -> tuple[list[Transition], bytes]:
+        e = self.engine
+        try:
+            if c.name == "acknowledge":
+                t = e.acknowledge(c.alarm_id, now, c.user, c.comment)
+            elif c.name == "shelve":
+                t = e.shelve(c.alarm_id, now, c.duration or 0.0, c.user, c.comment)
+            elif c.name == "unshelve":
+                t = e.unshelve(c.alarm_id, now, c.user, c.comment)
+            elif c.name == "out_of_service":
+                t = e.out_of_service(c.alarm_id, now, c.user, c.comment)
+            elif c.name == "in_service":
+                t = e.in_service(c.alarm_id, now, c.user, c.comment)
+            else:
+                raise CommandError(f"unknown command {c.name!r}")
+        except CommandError as exc:
+            self.metrics.commands.labels(c.name, "refused").inc()
+            return [], self._reply(c, error=str(exc))
+        self.metrics.commands.labels(c.name, "ok").inc()
+        self.log.info("command", command=c.name, alarm_id=c.alarm_id, user=c.user, changed=t is not None)
+        return ([t] if t else []), self._reply(c, changed=t is not None, alarm=e.view(c.alarm_id))
+
+    def _reply(self, c: cmds.Command, *, error: str | None = None, changed: bool = False,
+               alarm: dict[str, object] | None = None) -> bytes:
+        return cmds.reply(gateway_id=self.gateway_id, command=c.name, request_id=c.request_id, ts=self.clock(),
+                          error=error, changed=changed, alarm=alarm)
+
+    @staticmethod
+    def _answer(replies: Iterable[tuple[cmds.Command, bytes]]) -> None:
+        for command, payload in replies:
+            if command.reply is not None and not command.reply.done():
+                command.reply.set_result(payload)
+
+    def _alarm_metrics(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            self.metrics.alarm_transitions.labels(t.severity, t.state.value).inc()
+        for severity, n in self.engine.counts().items():
+            self.metrics.alarms_active.labels(severity).set(n)
 
     def _count(self, asset_id: str, readings: list[Reading]) -> None:
         counts: dict[Quality, int] = defaultdict(int)

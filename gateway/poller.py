@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from drivers import Driver, DriverError
 
@@ -19,11 +20,16 @@ from .model import Reading
 class DeviceBatch:
     device: str
     readings: Sequence[Reading]
+    connected: bool = True  # False: the device failed; its readings are the bad ones of the outage
+
+
+class Sink(Protocol):
+    async def put(self, item: DeviceBatch, /) -> None: ...
 
 
 class Poller:
     def __init__(self, *, driver: Driver, interval: float, timeout: float, requests: int,
-                 out: asyncio.Queue[DeviceBatch | None], metrics: Metrics, backoff_cap: float = 30.0) -> None:
+                 out: Sink, metrics: Metrics, backoff_cap: float = 30.0) -> None:
         self.driver = driver
         self.device = driver.device_id
         self.interval = interval
@@ -100,7 +106,8 @@ class Poller:
         else:
             self.log.debug("device still failing", kind=kind, error=message, failures=self._failures)
         if changed:  # tags go bad once per distinct failure, not once per retry
-            await self.out.put(DeviceBatch(self.device, self.driver.bad(f"{kind}: {message}", time.time())))
+            await self.out.put(DeviceBatch(self.device, self.driver.bad(f"{kind}: {message}", time.time()),
+                                          connected=False))
 
     def _recovered(self) -> None:
         self.backoff.reset()

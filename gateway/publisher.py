@@ -5,6 +5,8 @@ One connection at a time, rebuilt in a loop with jittered backoff. On every conn
 the buffer from its oldest row, in ``seq`` order, with at most ``max_inflight`` QoS 1 messages
 awaiting PUBACK. A row is deleted only after its PUBACK. State snapshots go before backlog rows, so
 live state is never queued behind an outage's backlog.
+
+It also subscribes to the gateway's command topic and answers every command on ``cmd/reply``.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiomqtt
 
 from . import codec
+from . import commands as cmds
 from .backoff import Backoff
 from .buffer import Buffer, Row
 from .codec import Topics
@@ -27,12 +30,14 @@ from .tagmap import MqttConfig
 
 class Publisher:
     def __init__(self, *, cfg: MqttConfig, gateway_id: str, boot_id: str, version: str,
-                 buffer: Buffer, metrics: Metrics, password: str | None = None) -> None:
+                 buffer: Buffer, metrics: Metrics, password: str | None = None,
+                 on_command: Callable[[cmds.Command], Awaitable[bytes]] | None = None) -> None:
         self.cfg = cfg
         self.gateway_id, self.boot_id, self.version = gateway_id, boot_id, version
         self.buffer = buffer
         self.metrics = metrics
         self.password = password
+        self.on_command = on_command
         self.topics = Topics(cfg.topic_prefix, gateway_id)
         self.connected = False
         self.last_error: str | None = None
@@ -110,10 +115,12 @@ class Publisher:
         self._dirty.update(self._states)  # retained state may be stale after an outage
         async with asyncio.TaskGroup() as tg:
             acker = tg.create_task(self._ack_loop(), name="publisher-acks")
+            listener = tg.create_task(self._commands(client), name="publisher-commands")
             try:
                 await self._drain(client, tg)
             finally:
                 acker.cancel()
+                listener.cancel()
         await self._status(client, online=False)
 
     async def _drain(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
@@ -160,6 +167,27 @@ class Publisher:
     async def _status(self, client: aiomqtt.Client, *, online: bool) -> None:
         await client.publish(self.topics.status, self._status_payload(online=online), qos=1, retain=True,
                              timeout=self.cfg.publish_timeout)
+
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        """Answer each command in arrival order; a command never blocks publishing."""
+        if self.on_command is None:
+            return
+        await client.subscribe(self.topics.command("+"), qos=1, timeout=self.cfg.publish_timeout)
+        async for message in client.messages:
+            name = str(message.topic).rsplit("/", 1)[-1]
+            if name == "reply":
+                continue  # our own answers, on a topic under the same filter
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            try:
+                command = cmds.parse(name, payload)
+            except cmds.Rejected as exc:
+                self.metrics.commands.labels(name if name in cmds.SCHEMAS else "unknown", "rejected").inc()
+                self.log.warning("command rejected", command=name[:64], error=str(exc))
+                answer = cmds.reply(gateway_id=self.gateway_id, command=name[:64], request_id=exc.request_id,
+                                    ts=time.time(), error=str(exc))
+            else:
+                answer = await self.on_command(command)
+            await client.publish(self.topics.command("reply"), answer, qos=1, timeout=self.cfg.publish_timeout)
 
     async def _ack_loop(self) -> None:
         while True:

@@ -7,15 +7,12 @@ addresses, reads that fit the protocol) run after, and also report every error a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Discriminator,
     Field,
     ValidationError,
@@ -26,32 +23,12 @@ from pydantic_core import ErrorDetails
 
 from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTERS, DataType, Order, Table
 
+from .fields import ID_PATTERN, Duration, Frozen, Identifier, TagName, duration
+from .rules import LIMIT_KINDS, Rule
 from .yamlsource import Document, Loc, Problem, SourceError, format_path, load, parse
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def _duration(value: object) -> object:
-    """``500ms``, ``1s``, ``2m``, ``1h`` or a number of seconds -> seconds as float."""
-    if isinstance(value, bool):
-        raise ValueError("a duration, such as 500ms, 1s, 2m")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 1s, 2m)")
-
-
-Duration = Annotated[float, BeforeValidator(_duration)]
-Interval = Annotated[float, BeforeValidator(_duration), Field(ge=0.01, le=86400)]
-_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-Identifier = Annotated[str, Field(pattern=_ID_PATTERN)]
+Interval = Annotated[float, BeforeValidator(duration), Field(ge=0.01, le=86400)]
 TopicPart = Annotated[str, Field(pattern=r"^[^#+\s]+(/[^#+\s/]+)*$")]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
 
 class GatewayConfig(Frozen):
@@ -89,7 +66,7 @@ class ModbusTcpDevice(Frozen):
     port: int = Field(default=502, ge=1, le=65535)
     unit: int = Field(default=1, ge=0, le=255)
     interval: Interval = 1.0
-    timeout: Annotated[float, BeforeValidator(_duration), Field(ge=0.01, le=60)] = 1.0
+    timeout: Annotated[float, BeforeValidator(duration), Field(ge=0.01, le=60)] = 1.0
     max_gap: int = Field(default=0, ge=0, le=MAX_READ_REGISTERS, description="hole a read may bridge")
     max_registers: int = Field(default=MAX_READ_REGISTERS, ge=1, le=MAX_READ_REGISTERS)
     max_bits: int = Field(default=MAX_READ_BITS, ge=1, le=MAX_READ_BITS)
@@ -126,8 +103,8 @@ class OpcUaDevice(Frozen):
     endpoint: Annotated[str, Field(pattern=r"^opc\.tcp://[^/\s]+(/.*)?$")]
     mode: Literal["subscribe", "poll"] = "subscribe"
     interval: Interval = 1.0
-    timeout: Annotated[float, BeforeValidator(_duration), Field(ge=0.05, le=60)] = 2.0
-    sampling_interval: Annotated[float, BeforeValidator(_duration), Field(ge=0, le=3600)] | None = Field(
+    timeout: Annotated[float, BeforeValidator(duration), Field(ge=0.05, le=60)] = 2.0
+    sampling_interval: Annotated[float, BeforeValidator(duration), Field(ge=0, le=3600)] | None = Field(
         default=None, description="server-side sampling; default: the interval"
     )
     queue_size: int = Field(default=10, ge=1, le=10000)
@@ -238,7 +215,8 @@ class Asset(Frozen):
     kind: Literal["reactor", "station"]
     name: str = ""
     device: Identifier | None = Field(default=None, description="default device of the asset's tags")
-    tags: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")], Tag] = Field(min_length=1)
+    tags: dict[TagName, Tag] = Field(min_length=1)
+    rules: list[Rule] = Field(default_factory=list, description="limits checked at the edge, see gateway/rules.py")
 
     @model_validator(mode="before")
     @classmethod
@@ -324,7 +302,7 @@ def _message(err: ErrorDetails) -> str:
     if kind == "union_tag_invalid":
         ctx = err.get("ctx") or {}
         return f"unknown protocol {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
-    if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == _ID_PATTERN:
+    if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == ID_PATTERN:
         return f"{err['input']!r} is not an id: lowercase letters, digits, - and _, at most 63"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if kind in ("enum", "literal_error"):
@@ -361,11 +339,69 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
                 if tag.writable:
                     key = (device.id, tag.unit_id if tag.unit_id is not None else device.unit, tag.table)
                     writable.setdefault(key, []).append((tag.address, tag.address + tag.registers, loc))
+        issues += _check_rules(asset, ai)
     for spans in writable.values():
         spans.sort()
         for (s1, e1, loc1), (s2, _e2, loc2) in zip(spans, spans[1:], strict=False):
             if s2 < e1:
                 issues.append(((*loc2, "address"), f"writable addresses overlap {format_path(loc1)} ({s1}..{e1 - 1})"))
+    return issues
+
+
+def _numeric(tag: Tag) -> bool:
+    if tag.enum is not None:
+        return False
+    if isinstance(tag, OpcUaTag):
+        return tag.type in (None, "int", "float")
+    return tag.type not in (DataType.BOOL, DataType.STRING)
+
+
+def _check_rules(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
+    """Rules name tags of their asset, compare numbers, and limits are in order."""
+    issues: list[tuple[Loc, str]] = []
+    ids: dict[str, int] = {}
+    limits: dict[tuple[str, str], tuple[float, int]] = {}
+    known = ", ".join(asset.tags)
+    for ri, rule in enumerate(asset.rules):
+        loc: Loc = ("assets", ai, "rules", ri)
+        if rule.rule_id in ids:
+            issues.append(((*loc, "id"), f"duplicate rule id {rule.rule_id!r} (also rules[{ids[rule.rule_id]}]); "
+                                         "give one an id"))
+        ids.setdefault(rule.rule_id, ri)
+        refs: list[tuple[str, Loc]] = [(rule.tag, (*loc, "tag"))]
+        if rule.target_tag:
+            refs.append((rule.target_tag, (*loc, "target_tag")))
+        refs += [(t, (*loc, "when", t)) for t in rule.when or ()]
+        missing = False
+        for name, where in refs:
+            if name not in asset.tags:
+                issues.append((where, f"no tag {name!r} in asset {asset.id!r} (tags: {known})"))
+                missing = True
+        if missing:
+            continue
+        tag = asset.tags[rule.tag]
+        if rule.kind in (*LIMIT_KINDS, "target", "rate") and not _numeric(tag):
+            issues.append(((*loc, "tag"), f"a {rule.kind} rule needs a numeric tag; {rule.tag!r} is not"))
+        if rule.target_tag and not _numeric(asset.tags[rule.target_tag]):
+            issues.append(((*loc, "target_tag"), f"{rule.target_tag!r} is not a numeric tag"))
+        for name, allowed in (rule.when or {}).items():
+            enum = asset.tags[name].enum
+            if enum is not None:
+                bad = [v for v in allowed if v not in enum.values()]
+                if bad:
+                    issues.append(((*loc, "when", name), f"{bad} not among {name}'s values: "
+                                                         f"{', '.join(enum.values())}"))
+        if rule.kind in LIMIT_KINDS and rule.limit is not None and rule.when is None:
+            limits[(rule.tag, rule.kind)] = (rule.limit, ri)
+    order = [("low_low", "low"), ("low", "high"), ("high", "high_high"), ("low_low", "high_high"),
+             ("low", "high_high"), ("low_low", "high")]
+    for lo, hi in order:
+        for tag_name in sorted({t for t, _ in limits}):
+            a, b = limits.get((tag_name, lo)), limits.get((tag_name, hi))
+            if a and b and a[0] >= b[0]:
+                issues.append((("assets", ai, "rules", b[1], "limit"),
+                               f"{hi} limit {b[0]} of {tag_name!r} is not above its {lo} limit {a[0]} "
+                               f"(rules[{a[1]}])"))
     return issues
 
 
