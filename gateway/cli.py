@@ -88,7 +88,7 @@ def check(path: Path) -> int:
         for line in plan:
             print(f"    {line}")
     for asset in tm.assets:
-        print(f"asset {asset.id} ({asset.kind}, {asset.name!r}): {len(asset.tags)} tags")
+        print(f"asset {asset.id} ({asset.kind}, {asset.name!r}): {len(asset.tags)} tags, {len(asset.rules)} rules")
     print(f"Modbus requests per cycle: {total}")
     return 0
 

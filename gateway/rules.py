@@ -65,14 +65,22 @@ def _kind(value: object) -> object:
     return value.replace("-", "_") if isinstance(value, str) else value
 
 
-def _tolerance(data: object) -> object:
-    """``tolerance: 0.2`` is absolute; ``tolerance: 2%`` is relative to the target."""
-    if isinstance(data, dict) and isinstance(tol := data.get("tolerance"), str) and tol.strip().endswith("%"):
+def _percent_value(value: object) -> float | None:
+    if isinstance(value, str) and value.strip().endswith("%"):
         try:
-            value = float(tol.strip()[:-1])
+            return float(value.strip()[:-1])
         except ValueError:
-            return data  # pydantic reports the field
-        return {**data, "tolerance": value, "relative": True}
+            return None  # pydantic reports the field
+    return None
+
+
+def _tolerance(data: object) -> object:
+    """``tolerance: 0.2`` is absolute; ``tolerance: 2%`` is relative to the target, and so is its
+    deadband (``deadband: 0.5%``)."""
+    if isinstance(data, dict) and (tol := _percent_value(data.get("tolerance"))) is not None:
+        data = {**data, "tolerance": tol, "relative": True}
+        if (band := _percent_value(data.get("deadband"))) is not None:
+            data["deadband"] = band
     return data
 
 

@@ -39,6 +39,18 @@ CASES = {
     "duplicate_yaml_key.yaml": [(10, "assets[0].tags.status", "duplicate key (first at line 9)")],
     "syntax_error.yaml": [(3, "", "YAML syntax")],
     "inline_password.yaml": [(5, "mqtt.password", "secrets stay out of the tag map")],
+    "bad_rule_fields.yaml": [
+        (14, "assets[0].rules[0].delay", "'soon' is not a duration"),
+        (15, "assets[0].rules[1]", "a target rule needs target (a number) or target_tag"),
+    ],
+    "bad_rules.yaml": [
+        (14, "assets[0].rules[0].tag", "no tag 'temperatur' in asset 'reactor-a'"),
+        (17, "assets[0].rules[3].id", "duplicate rule id 'temperature_high' (also rules[1])"),
+        (17, "assets[0].rules[3].when.status", "['heatting'] not among status's values: idle, heating"),
+        (18, "assets[0].rules[4].tag", "a low rule needs a numeric tag; 'batch_id' is not"),
+        (19, "assets[0].rules[5].target_tag", "no tag 'setpoint'"),
+        (16, "assets[0].rules[2].limit", "high_high limit 80.0 of 'temperature' is not above its high limit 85.0"),
+    ],
 }
 
 
