@@ -227,6 +227,7 @@ class Pipeline:
                 raise CommandError(f"unknown command {c.name!r}")
         except CommandError as exc:
             self.metrics.commands.labels(c.name, "refused").inc()
+            self.log.warning("command refused", command=c.name, alarm_id=c.alarm_id, user=c.user, error=str(exc))
             return [], self._reply(c, error=str(exc))
         self.metrics.commands.labels(c.name, "ok").inc()
         self.log.info("command", command=c.name, alarm_id=c.alarm_id, user=c.user, changed=t is not None)

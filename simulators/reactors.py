@@ -218,6 +218,7 @@ class ReactorServer:
 
     # -- values ------------------------------------------------------------------------------
     def freeze(self) -> None:
+        """Stop the process (values stay put, statuses too); faults set afterwards still apply."""
         self.frozen = True
 
     def snapshot(self, letter: str) -> dict[str, object]:
@@ -240,12 +241,11 @@ class ReactorServer:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(0.1)
-            if self.frozen:
-                continue
             due = int((time.monotonic() - self._t0) * self.time_scale / STEP)
             for letter, model in self.models.items():
-                for _ in range(min(due - model.steps, 100_000)):
-                    model.step()
+                if not self.frozen:  # frozen: the process stands still, injected faults still show
+                    for _ in range(min(due - model.steps, 100_000)):
+                        model.step()
                 if letter in self._present:
                     await self._publish(letter)
 
