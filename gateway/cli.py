@@ -88,7 +88,8 @@ def check(path: Path) -> int:
         for line in plan:
             print(f"    {line}")
     for asset in tm.assets:
-        print(f"asset {asset.id} ({asset.kind}, {asset.name!r}): {len(asset.tags)} tags, {len(asset.rules)} rules")
+        print(f"asset {asset.id} ({asset.kind}, {asset.name!r}): {len(asset.tags)} tags, "
+              f"{len(asset.rules)} rules, {len(asset.derived)} derived")
     print(f"Modbus requests per cycle: {total}")
     return 0
 

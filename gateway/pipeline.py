@@ -28,11 +28,13 @@ from .logs import get
 from .metrics import Metrics
 from .model import Quality, Reading
 from .poller import DeviceBatch
+from .derived import Derived
 from .rules import AssetInfo, CommandError, Engine, Transition
 from .tagmap import TagMap
 
 Item = DeviceBatch | cmds.Command | None
 STATUS_TAG = "status"  # a change of this tag is an `events` message
+DERIVED_SAVE_EVERY = 10.0  # seconds between saves of derived counters (and at every stop)
 _Pending = tuple[str, str, int, Callable[..., bytes]]  # asset, topic, priority, payload(seq=...)
 
 
@@ -54,10 +56,13 @@ class Pipeline:
         self.latest: dict[str, dict[str, Reading]] = defaultdict(dict)  # last reading per tag
         self.reported: dict[tuple[str, str], Reading] = {}  # last reading sent in telemetry
         self.statuses: dict[str, object] = {}  # last good status per asset
+        calendar = tag_map.gateway.calendar()
+        self.derived = {a.id: Derived(a.id, a.derived, calendar) for a in tag_map.assets if a.derived}
+        self._derived_saved: dict[str, float] = {}  # asset -> when its derived state was last remembered
         self.engine = Engine(
             (AssetInfo(id=a.id, name=a.name, rules=tuple(a.rules),
                        devices={n: t.device for n, t in a.tags.items()},
-                       units={n: t.unit for n, t in a.tags.items()})
+                       units={**{n: t.unit for n, t in a.tags.items()}, **{n: d.unit for n, d in a.derived.items()}})
              for a in tag_map.assets),
             start=clock(),
         )
@@ -80,7 +85,7 @@ class Pipeline:
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             done = None in items
-            await self.commit([i for i in items if i is not None])
+            await self.commit([i for i in items if i is not None], final=done)
             if done:
                 return
 
@@ -112,6 +117,8 @@ class Pipeline:
                 dropped += not self.engine.restore(ident, value)
             elif kind == "status" and ident in self.assets:
                 self.statuses[ident] = value
+            elif kind == "derived" and ident in self.derived and isinstance(value, dict):
+                self.derived[ident].restore(value, self.clock())
         if dropped:
             self.log.warning("alarm states not restored (rule gone or changed)", alarms=dropped)
         states = [self._alarms_state(a) for a in self.assets if self.assets[a].rules]
@@ -120,7 +127,8 @@ class Pipeline:
         self.on_commit(states)
 
     # -- one commit ------------------------------------------------------------------------------
-    async def commit(self, items: list[DeviceBatch | cmds.Command]) -> None:
+    async def commit(self, items: list[DeviceBatch | cmds.Command], *, final: bool = False) -> None:
+        """Commit what ``items`` cause; ``final``: the last commit before a stop (save everything)."""
         now = self.clock()
         pending: list[_Pending] = []
         transitions: list[Transition] = self.engine.tick(now)
@@ -136,8 +144,15 @@ class Pipeline:
             for r in item.readings:
                 by_asset[r.asset].append(r)
         for asset_id, readings in by_asset.items():
+            derived = self.derived.get(asset_id)
+            if derived is not None:
+                readings += derived.update(readings, now)
             self._telemetry(asset_id, readings, pending, states, memory)
             transitions += self.engine.update(readings, now)
+        for asset_id, derived in self.derived.items():
+            if final or now - self._derived_saved.get(asset_id, 0.0) >= DERIVED_SAVE_EVERY:
+                self._derived_saved[asset_id] = now
+                memory.append((f"derived:{asset_id}", orjson.dumps(derived.snapshot())))
         replies: list[tuple[cmds.Command, bytes]] = []
         for command in commands:
             t, reply = self._apply(command, now)

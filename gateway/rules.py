@@ -263,7 +263,10 @@ class Engine:
         self.tags: dict[tuple[str, str], _TagState] = {}
         self.devices_down: set[str] = set()
         self.start = start  # stale clocks start here: a tag never read is stale ``after`` seconds in
+        self._tags_of: dict[str, list[tuple[str, str]]] = {}  # device -> (asset, tag) it serves
         for asset in assets:
+            for tag, device in asset.devices.items():
+                self._tags_of.setdefault(device, []).append((asset.id, tag))
             alarms = self.by_asset.setdefault(asset.id, [])
             for rule in asset.rules:
                 rule_id = rule.rule_id
@@ -292,6 +295,16 @@ class Engine:
         return out
 
     def device(self, device_id: str, connected: bool, now: float) -> list[Transition]:
+        """The device answered (``connected``) or failed at ``now``.
+
+        An answer vouches for the device's tags whose last value was good, even when it brought no
+        new value: a subscription reports changes only, and a value that does not change is not stale.
+        """
+        if connected:
+            for asset_id, tag in self._tags_of.get(device_id, ()):
+                st = self.tags.get((asset_id, tag))
+                if st is not None and st.quality is Quality.GOOD:
+                    st.good_ts = now
         if connected == (device_id not in self.devices_down):
             return []
         if connected:

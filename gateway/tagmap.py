@@ -16,6 +16,7 @@ from pydantic import (
     Discriminator,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic import Tag as PydTag
@@ -23,6 +24,7 @@ from pydantic_core import ErrorDetails
 
 from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTERS, DataType, Order, Table
 
+from .derived import Calendar, Derived, DerivedSpec
 from .fields import ID_PATTERN, Duration, Frozen, Identifier, TagName, duration
 from .rules import LIMIT_KINDS, Rule
 from .yamlsource import Document, Loc, Problem, SourceError, format_path, load, parse
@@ -34,6 +36,24 @@ TopicPart = Annotated[str, Field(pattern=r"^[^#+\s]+(/[^#+\s/]+)*$")]
 class GatewayConfig(Frozen):
     id: Identifier
     site: str = ""
+    timezone: str = Field(default="UTC", description="the plant's time zone: days and shifts of derived values")
+    shifts: list[str] = Field(default_factory=lambda: ["00:00"], min_length=1,
+                              description="local start times of the shifts, e.g. [06:00, 14:00, 22:00]")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        Calendar(tz=value)
+        return value
+
+    @field_validator("shifts")
+    @classmethod
+    def _shifts(cls, value: list[str]) -> list[str]:
+        Calendar(shifts=tuple(value))
+        return value
+
+    def calendar(self) -> Calendar:
+        return Calendar(tz=self.timezone, shifts=tuple(self.shifts))
 
 
 class MqttConfig(Frozen):
@@ -217,6 +237,7 @@ class Asset(Frozen):
     device: Identifier | None = Field(default=None, description="default device of the asset's tags")
     tags: dict[TagName, Tag] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list, description="limits checked at the edge, see gateway/rules.py")
+    derived: dict[TagName, DerivedSpec] = Field(default_factory=dict, description="values computed at the edge")
 
     @model_validator(mode="before")
     @classmethod
@@ -339,6 +360,7 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
                 if tag.writable:
                     key = (device.id, tag.unit_id if tag.unit_id is not None else device.unit, tag.table)
                     writable.setdefault(key, []).append((tag.address, tag.address + tag.registers, loc))
+        issues += _check_derived(asset, ai, tm.gateway.calendar())
         issues += _check_rules(asset, ai)
     for spans in writable.values():
         spans.sort()
@@ -356,12 +378,30 @@ def _numeric(tag: Tag) -> bool:
     return tag.type not in (DataType.BOOL, DataType.STRING)
 
 
+def _check_derived(asset: Asset, ai: int, calendar: Calendar) -> list[tuple[Loc, str]]:
+    """Derived values have names of their own and read tags or other derived values of the asset."""
+    issues: list[tuple[Loc, str]] = []
+    for name, spec in asset.derived.items():
+        loc: Loc = ("assets", ai, "derived", name)
+        if name in asset.tags:
+            issues.append((loc, f"{name!r} is also a tag of {asset.id!r}; a derived value needs a name of its own"))
+        for ref in sorted(spec.inputs() - set(asset.tags) - set(asset.derived)):
+            issues.append((loc, f"reads {ref!r}, which is neither a tag nor a derived value of {asset.id!r}"))
+    if asset.derived and not set(asset.derived) & set(asset.tags):  # a shadowed tag reads as a cycle
+        try:
+            Derived(asset.id, asset.derived, calendar)
+        except ValueError as exc:
+            issues.append((("assets", ai, "derived"), str(exc)))
+    return issues
+
+
 def _check_rules(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
     """Rules name tags of their asset, compare numbers, and limits are in order."""
     issues: list[tuple[Loc, str]] = []
     ids: dict[str, int] = {}
     limits: dict[tuple[str, str], tuple[float, int]] = {}
-    known = ", ".join(asset.tags)
+    names = {**asset.tags, **asset.derived}
+    known = ", ".join(names)
     for ri, rule in enumerate(asset.rules):
         loc: Loc = ("assets", ai, "rules", ri)
         if rule.rule_id in ids:
@@ -374,18 +414,22 @@ def _check_rules(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
         refs += [(t, (*loc, "when", t)) for t in rule.when or ()]
         missing = False
         for name, where in refs:
-            if name not in asset.tags:
+            if name not in names:
                 issues.append((where, f"no tag {name!r} in asset {asset.id!r} (tags: {known})"))
                 missing = True
         if missing:
             continue
-        tag = asset.tags[rule.tag]
-        if rule.kind in (*LIMIT_KINDS, "target", "rate") and not _numeric(tag):
+        tag = asset.tags.get(rule.tag)  # None: a derived value, always a number
+        if rule.kind in (*LIMIT_KINDS, "target", "rate") and tag is not None and not _numeric(tag):
             issues.append(((*loc, "tag"), f"a {rule.kind} rule needs a numeric tag; {rule.tag!r} is not"))
-        if rule.target_tag and not _numeric(asset.tags[rule.target_tag]):
+        if rule.kind == "comm_lost" and tag is None:
+            issues.append(((*loc, "tag"), f"{rule.tag!r} is derived; comm_lost needs a tag read from a device"))
+        target = asset.tags.get(rule.target_tag or "")
+        if target is not None and not _numeric(target):
             issues.append(((*loc, "target_tag"), f"{rule.target_tag!r} is not a numeric tag"))
         for name, allowed in (rule.when or {}).items():
-            enum = asset.tags[name].enum
+            when_tag = asset.tags.get(name)
+            enum = when_tag.enum if when_tag is not None else None
             if enum is not None:
                 bad = [v for v in allowed if v not in enum.values()]
                 if bad:

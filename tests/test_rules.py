@@ -118,6 +118,18 @@ def test_stale_value_fires_on_tick_and_clears_with_a_good_reading() -> None:
     assert states(e.update([r("temperature", 20.0, T0 + 41)], T0 + 41)) == ["cleared_unacked"]
 
 
+def test_a_device_that_answers_keeps_its_unchanged_values_fresh() -> None:
+    """Subscriptions report changes only: an answer without news still vouches for good values."""
+    e = engine({"tag": "temperature", "kind": "stale", "after": "30s"})
+    e.update([r("temperature", 20.0, T0)], T0)
+    assert e.device("plc", True, T0 + 25) == []
+    assert e.tick(T0 + 50) == [], "confirmed at +25 s: fresh until +55 s"
+    assert states(e.tick(T0 + 55.1)) == ["active_unacked"]
+    e.update([r("temperature", None, T0 + 56, Quality.BAD)], T0 + 56)
+    e.device("plc", True, T0 + 57)
+    assert e.view("reactor-a/temperature_stale")["active"] is True, "a bad value is not vouched for"
+
+
 def test_comm_lost_follows_the_device_of_the_tag() -> None:
     e = engine({"tag": "pressure", "kind": "comm_lost", "delay": "10s", "severity": "high"})
     assert e.device("plc", False, T0) == []

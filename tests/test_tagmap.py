@@ -39,6 +39,12 @@ CASES = {
     "duplicate_yaml_key.yaml": [(10, "assets[0].tags.status", "duplicate key (first at line 9)")],
     "syntax_error.yaml": [(3, "", "YAML syntax")],
     "inline_password.yaml": [(5, "mqtt.password", "secrets stay out of the tag map")],
+    "bad_derived.yaml": [
+        (13, "assets[0].derived.units_total", "'units_total' is also a tag of 'filler-1'"),
+        (14, "assets[0].derived.rate", "reads 'units_totl', which is neither a tag nor a derived value"),
+    ],
+    "derived_cycle.yaml": [(12, "assets[0].derived", "derived values read each other in a cycle: a -> b -> a")],
+    "bad_calendar.yaml": [(3, "gateway.timezone", "unknown time zone 'Europe/Madird'")],
     "bad_rule_fields.yaml": [
         (14, "assets[0].rules[0].delay", "'soon' is not a duration"),
         (15, "assets[0].rules[1]", "a target rule needs target (a number) or target_tag"),
