@@ -127,6 +127,7 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
         async with asyncio.TaskGroup() as tg:
             gw = tg.create_task(gateway.run(stop_gateway), name="gateway")
             view = tg.create_task(_view(tm, port, latencies), name="viewer")
+            spike = tg.create_task(_pressure_spike(reactors), name="demo-spike")
             await gateway.ready.wait()
             if gateway.http is not None:
                 print(f"health: http://127.0.0.1:{gateway.http.port}/healthz  "
@@ -135,6 +136,7 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
                 async with asyncio.timeout(duration):
                     await shutdown.wait()
             stop_gateway.set()
+            spike.cancel()
             await gw
             view.cancel()
     finally:
@@ -162,6 +164,26 @@ async def _view(tm: TagMap, port: int, latencies: list[float]) -> None:
             await asyncio.sleep(0.5)
 
 
+SPIKE_AT, SPIKE_FOR = 15.0, 20.0  # seconds into the demo; how long the injected pressure spike lasts
+
+
+async def _pressure_spike(reactors: dict[str, ReactorServer]) -> None:
+    """Show the alarm lifecycle: a pressure spike on the last reactor, raised then cleared."""
+    server = next(iter(reactors.values()), None)
+    if server is None:
+        return
+    letter = list(server.models)[-1]
+    model = server.models[letter]
+    await asyncio.sleep(SPIKE_AT)
+    print(f"demo: pressure spike injected on reactor {letter} for {SPIKE_FOR:g} s (PROD010 expected)", flush=True)
+    model.faults.pressure_offset = 2.0
+    try:
+        await asyncio.sleep(SPIKE_FOR)
+    finally:
+        model.faults.pressure_offset = 0.0
+    print(f"demo: pressure spike on reactor {letter} removed", flush=True)
+
+
 def _show(topic: str, payload: object, latencies: list[float]) -> None:
     if not isinstance(payload, (bytes, bytearray)):
         return
@@ -173,10 +195,17 @@ def _show(topic: str, payload: object, latencies: list[float]) -> None:
             latencies.append(now - datetime.fromisoformat(r["ts"]).timestamp())
     elif leaf == "state":
         v, q = data["values"], data["quality"]
-        bad = sum(1 for x in q.values() if x != "good")
+        counts = {k: sum(1 for x in q.values() if x == k) for k in ("bad", "uncertain")}
+        health = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "all good"
         middle = _reactor_line(v) if data["kind"] == "reactor" else _station_line(v)
-        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} {middle}  "
-              f"{'all good' if not bad else f'{bad} bad'}", flush=True)
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} {middle}  {health}",
+              flush=True)
+    elif leaf == "alerts":
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} ALARM {data['state']:<15} {data['severity']:<8} "
+              f"{data['code']}  {data['message']}", flush=True)
+    elif leaf == "events":
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} EVENT status {data['old_status']} -> "
+              f"{data['new_status']}", flush=True)
     elif leaf == "status":
         print(f"gateway {data['gateway_id']} is {data['state']} (version {data['version']})", flush=True)
 
@@ -189,7 +218,8 @@ def _reactor_line(v: dict[str, object]) -> str:
 
 def _station_line(v: dict[str, object]) -> str:
     return (f"units {v.get('units_total')!s:>10}  {_num(v.get('units_per_hour')):>7} u/h "
-            f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC")
+            f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC  "
+            f"avail {_num(v.get('availability'), 0)}%  errors today {v.get('errors_today')}")
 
 
 def _num(x: object, digits: int = 1) -> str:

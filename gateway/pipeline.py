@@ -24,11 +24,11 @@ from . import codec
 from . import commands as cmds
 from .buffer import ALERT, EVENT, TELEMETRY, Buffer, Message
 from .codec import Topics
+from .derived import Derived
 from .logs import get
 from .metrics import Metrics
 from .model import Quality, Reading
 from .poller import DeviceBatch
-from .derived import Derived
 from .rules import AssetInfo, CommandError, Engine, Transition
 from .tagmap import TagMap
 
@@ -146,7 +146,7 @@ class Pipeline:
         for asset_id, readings in by_asset.items():
             derived = self.derived.get(asset_id)
             if derived is not None:
-                readings += derived.update(readings, now)
+                readings.extend(derived.update(readings, now))
             self._telemetry(asset_id, readings, pending, states, memory)
             transitions += self.engine.update(readings, now)
         for asset_id, derived in self.derived.items():

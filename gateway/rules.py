@@ -57,6 +57,12 @@ DEFAULT_MESSAGES = {
     "bad_quality": "{asset_name}: {tag} quality bad ({reason})",
     "comm_lost": "{asset_name}: communication with {device} lost",
 }
+DEFAULT_CLEAR = "{asset_name}: {tag} back to normal ({value}{unit})"
+DEFAULT_CLEARS = {
+    "comm_lost": "{asset_name}: communication with {device} restored",
+    "stale": "{asset_name}: {tag} values arriving again",
+    "bad_quality": "{asset_name}: {tag} quality good again",
+}
 PLACEHOLDERS = frozenset({"asset", "asset_name", "tag", "value", "unit", "limit", "target", "deviation",
                           "rate", "after", "reason", "device", "severity", "code"})
 
@@ -105,6 +111,7 @@ class Rule(Frozen):
     severity: Severity = "medium"
     code: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] | None = None
     message: str | None = Field(default=None, description="template: " + ", ".join(sorted(PLACEHOLDERS)))
+    clear_message: str | None = Field(default=None, description="template once the condition has cleared")
     when: dict[TagName, list[str | int | float | bool]] | None = Field(
         default=None, description="applies only while each tag has one of the values, e.g. {status: [heating]}"
     )
@@ -143,8 +150,9 @@ class Rule(Frozen):
             raise ValueError(f"deadband {self.deadband} must be below the tolerance {self.tolerance}")
         if self.direction != "both" and k != "rate":
             raise ValueError("direction applies to rate rules")
-        if self.message is not None:
-            check_template(self.message)
+        for template in (self.message, self.clear_message):
+            if template is not None:
+                check_template(template)
         return self
 
     @property
@@ -466,7 +474,7 @@ class Engine:
             alarm.pending_since = None
             self._set_active(alarm, alarm.raw, now, out)
 
-    def _condition(self, alarm: _Alarm, now: float) -> bool | None | object:
+    def _condition(self, alarm: _Alarm, now: float) -> bool | object | None:
         """The raw condition at ``now``, with hysteresis; None when it cannot be evaluated."""
         rule, asset = alarm.rule, alarm.asset
         if rule.when is not None:
@@ -575,7 +583,11 @@ class Engine:
             "after": _fmt(rule.after), "reason": alarm.reason or "", "severity": rule.severity,
             "code": alarm.code, "device": alarm.asset.devices.get(rule.tag, ""),
         }
-        return (rule.message or DEFAULT_MESSAGES[rule.kind]).format(**fields)
+        if alarm.active:
+            template = rule.message or DEFAULT_MESSAGES[rule.kind]
+        else:
+            template = rule.clear_message or DEFAULT_CLEARS.get(rule.kind, DEFAULT_CLEAR)
+        return template.format(**fields)
 
 
 _SUPPRESSED = object()

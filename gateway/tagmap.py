@@ -351,7 +351,8 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
                 continue
             if isinstance(tag, OpcUaTag) != isinstance(device, OpcUaDevice):
                 want = "node" if isinstance(device, OpcUaDevice) else "table and address"
-                issues.append(((*loc, "device"), f"device {device.id!r} speaks {device.protocol}: its tags take {want}"))
+                issues.append(((*loc, "device"),
+                               f"device {device.id!r} speaks {device.protocol}: its tags take {want}"))
                 continue
             if isinstance(tag, ModbusTag) and isinstance(device, ModbusTcpDevice):
                 limit = device.max_bits if tag.table.is_bits else device.max_registers

@@ -210,7 +210,8 @@ async def test_excursions_reach_mqtt_and_acknowledge_over_mqtt(
         await wait_until(lambda: bool(alerts(sub, "reactor-b/ph_level_target")), 10, "pH drift on reactor-b")
 
         temp = alerts(sub, "reactor-b/temperature_high")[0]
-        assert (temp["code"], temp["severity"], temp["state"], temp["limit"]) == ("PROD009", "high", "active_unacked", 85)
+        assert (temp["code"], temp["severity"], temp["state"], temp["limit"]) == (
+            "PROD009", "high", "active_unacked", 85)
         assert temp["value"] == pytest.approx(90.0, abs=0.01)
         pressure = alerts(sub, "reactor-c/pressure_high_high")[0]
         assert (pressure["code"], pressure["severity"], pressure["state"]) == ("PROD010", "critical", "active_unacked")

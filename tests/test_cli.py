@@ -46,8 +46,10 @@ async def _run_and_stop(tmp_path: Path, stations: dict[str, Station], mosquitto:
             env=env, cwd=tmp_path, stderr=asyncio.subprocess.PIPE,
         )
         try:
+            tags = {a.id: set(a.tags) for a in plant_map.assets}  # derived values may still be warming up
             await wait_until(lambda: {m.data["asset_id"] for m in sub.leaf("state")
-                                      if set(m.data["quality"].values()) == {"good"}} >= {a.id for a in plant_map.assets},
+                                      if {q for t, q in m.data["quality"].items() if t in tags[m.data["asset_id"]]}
+                                      == {"good"}} >= set(tags),
                              20, "good state of every asset of the plant from the subprocess")
         finally:
             os.kill(proc.pid, signal.SIGTERM)

@@ -17,6 +17,11 @@ from gateway.tagmap import TagMap
 from .helpers import validate
 
 
+def _bare(tm: TagMap) -> TagMap:
+    """The plant map without rules and derived values: telemetry mechanics only."""
+    return tm.model_copy(update={"assets": [a.model_copy(update={"rules": [], "derived": {}}) for a in tm.assets]})
+
+
 def _r(tag: str, value: object, quality: Quality = Quality.GOOD, ts: float = 1.7e9) -> Reading:
     return Reading("filling-1", tag, value, quality, None if quality is Quality.GOOD else "timeout: x", None, ts)
 
@@ -24,7 +29,7 @@ def _r(tag: str, value: object, quality: Quality = Quality.GOOD, ts: float = 1.7
 async def test_deadband_numbering_and_state(plant_map: TagMap, tmp_path: Path) -> None:
     committed: list[list[tuple[str, bytes]]] = []
     async with Buffer(tmp_path / "b.sqlite") as buf:
-        pipe = Pipeline(tag_map=plant_map, buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32,
+        pipe = Pipeline(tag_map=_bare(plant_map), buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32,
                         metrics=Metrics(), on_commit=committed.append)
         # motor_temperature has deadband 0.2 in the plant map; units_total has none.
         steps = [
@@ -60,7 +65,7 @@ async def test_deadband_numbering_and_state(plant_map: TagMap, tmp_path: Path) -
 async def test_unchanged_readings_commit_no_state(plant_map: TagMap, tmp_path: Path) -> None:
     committed: list[list[tuple[str, bytes]]] = []
     async with Buffer(tmp_path / "b.sqlite") as buf:
-        pipe = Pipeline(tag_map=plant_map, buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32,
+        pipe = Pipeline(tag_map=_bare(plant_map), buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32,
                         metrics=Metrics(), on_commit=committed.append)
         await pipe.commit([DeviceBatch("filling-1-plc", [_r("status", "running")])])
         await pipe.commit([DeviceBatch("filling-1-plc", [_r("status", "running", ts=1.7e9 + 1)])])

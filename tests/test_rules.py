@@ -83,6 +83,18 @@ def test_limit_deviation_and_message() -> None:
     assert t.message == "Reactor A: temperature 93.5 degC above 85 degC"
 
 
+def test_a_cleared_alarm_says_so() -> None:
+    e = engine(HIGH, {"tag": "pressure", "kind": "high", "limit": 3, "message": "{tag} critical: {value}",
+                      "clear_message": "{tag} fine again: {value}{unit}"})
+    out = feed(e, "temperature", [(T0, 90.0), (T0 + 1, 80.0)])
+    assert [t.message for t in out] == ["Reactor A: temperature 90 degC above 85 degC",
+                                        "Reactor A: temperature back to normal (80 degC)"]
+    out = feed(e, "pressure", [(T0, 3.5), (T0 + 1, 2.0)])
+    assert [t.message for t in out] == ["pressure critical: 3.5", "pressure fine again: 2 bar"]
+    with pytest.raises(ValidationError, match="unknown placeholder"):
+        Rule.model_validate({"tag": "t", "kind": "high", "limit": 1, "clear_message": "{oops}"})
+
+
 def test_bad_values_keep_the_state_and_bad_quality_rule_fires() -> None:
     e = engine(HIGH, {"tag": "temperature", "kind": "bad_quality", "severity": "high"})
     assert states(feed(e, "temperature", [(T0, 90.0)])) == ["active_unacked"]
