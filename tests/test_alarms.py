@@ -196,7 +196,7 @@ async def test_excursions_reach_mqtt_and_acknowledge_over_mqtt(
     tm = reactors_map(plant_map, sim, mosquitto)
     b, c = sim.models["B"], sim.models["C"]
     assert (b.status, c.status) == ("heating", "mixing")
-    async with collecting(mosquitto.port, f"{PREFIX}/#") as sub, running(tm, tmp_path / "b.sqlite"):
+    async with collecting(mosquitto.port, f"{PREFIX}/#") as sub, running(tm, tmp_path / "b.sqlite") as gw:
         await wait_until(lambda: any(m.topic.endswith("reactor-b/state") for m in sub.messages), 10, "state")
         temp_b = float(sim.snapshot("B")["Temperature"])  # type: ignore[arg-type]
         pressure_c = float(sim.snapshot("C")["Pressure"])  # type: ignore[arg-type]
@@ -221,6 +221,10 @@ async def test_excursions_reach_mqtt_and_acknowledge_over_mqtt(
         assert ph["value"] == pytest.approx(9.8, abs=0.02)
         assert ph["deviation_percentage"] == pytest.approx((ph["value"] - 9.5) / 9.5 * 100, abs=1e-3)  # type: ignore[operator]
         assert alerts(sub, "reactor-a/temperature_high") == [], "reactor A saw no excursion"
+        metric = gw.metrics.registry.get_sample_value
+        assert metric("gateway_alarms_active", {"severity": "critical"}) == 1
+        assert metric("gateway_alarms_active", {"severity": "high"}) == 2  # temperature B, pressure C
+        assert metric("gateway_alarm_transitions_total", {"severity": "critical", "state": "active_unacked"}) == 1
 
         # Acknowledge over MQTT; malformed and unknown commands change nothing.
         await send(mosquitto.port, "acknowledge", b"{broken")
