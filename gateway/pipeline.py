@@ -78,7 +78,7 @@ class Pipeline:
             deadline = self.engine.next_deadline()
             try:
                 async with asyncio.timeout_at(None if deadline is None else
-                                              asyncio.get_running_loop().time() + max(0.0, deadline - self.clock())):
+                                              asyncio.get_running_loop().time() + max(0.01, deadline - self.clock())):
                     items.append(await self.queue.get())
             except TimeoutError:
                 pass  # a delay ran out, a value went stale, a shelving expired: tick

@@ -271,6 +271,7 @@ class Engine:
         self.tags: dict[tuple[str, str], _TagState] = {}
         self.devices_down: set[str] = set()
         self.start = start  # stale clocks start here: a tag never read is stale ``after`` seconds in
+        self.evaluated = start  # the latest time rules were evaluated at
         self._tags_of: dict[str, list[tuple[str, str]]] = {}  # device -> (asset, tag) it serves
         for asset in assets:
             for tag, device in asset.devices.items():
@@ -347,7 +348,9 @@ class Engine:
             if r.kind == "stale" and r.after is not None and not a.raw:
                 st = self.tags.get((a.asset.id, r.tag))
                 last = st.good_ts if st and st.good_ts is not None else self.start
-                times.append(max(last, self.start) + r.after)
+                due = max(last, self.start) + r.after
+                if due > self.evaluated:  # not one that passed while the rule did not apply (`when`)
+                    times.append(due)
         return min(times) if times else None
 
     # -- operator commands ---------------------------------------------------------------------
@@ -454,6 +457,7 @@ class Engine:
         return alarm
 
     def _evaluate(self, alarm: _Alarm, now: float, out: list[Transition]) -> None:
+        self.evaluated = max(self.evaluated, now)
         raw = self._condition(alarm, now)
         if raw is None:  # cannot tell (no value yet, bad value): keep the state
             alarm.pending_since = None

@@ -142,6 +142,15 @@ def test_a_device_that_answers_keeps_its_unchanged_values_fresh() -> None:
     assert e.view("reactor-a/temperature_stale")["active"] is True, "a bad value is not vouched for"
 
 
+def test_a_stale_rule_outside_its_states_sets_no_deadline_in_the_past() -> None:
+    """Otherwise the pipeline, which sleeps until the next deadline, would spin."""
+    e = engine({"tag": "temperature", "kind": "stale", "after": "30s", "when": {"status": ["heating"]}})
+    e.update([r("status", "idle", T0 + 1)], T0 + 1)
+    assert e.tick(T0 + 31) == [], "not heating: not stale"
+    deadline = e.next_deadline()
+    assert deadline is None or deadline > T0 + 31
+
+
 def test_comm_lost_follows_the_device_of_the_tag() -> None:
     e = engine({"tag": "pressure", "kind": "comm_lost", "delay": "10s", "severity": "high"})
     assert e.device("plc", False, T0) == []
