@@ -282,25 +282,35 @@ class Engine:
                 alarm = _Alarm(rule, asset, f"{asset.id}/{rule_id}", rule.code or DEFAULT_CODES[rule.kind])
                 self.alarms[alarm.alarm_id] = alarm
                 alarms.append(alarm)
+        self._order = list(self.alarms.values())
+        self._readers: dict[tuple[str, str], list[int]] = {}  # (asset, tag) -> alarms whose rule reads it
+        for i, alarm in enumerate(self._order):
+            if alarm.rule.kind != "comm_lost":  # follows the device, not values
+                for tag in sorted(alarm.rule.inputs):
+                    self._readers.setdefault((alarm.asset.id, tag), []).append(i)
 
     # -- inputs ---------------------------------------------------------------------------------
     def update(self, readings: Iterable[Reading], now: float) -> list[Transition]:
         """New readings (of any assets); every rule they touch is evaluated at ``now``."""
-        touched: set[str] = set()
+        touched: set[int] = set()
+        order = self._order
         for r in readings:
-            st = self.tags.setdefault((r.asset, r.tag), _TagState())
+            key = (r.asset, r.tag)
+            st = self.tags.get(key)
+            if st is None:
+                st = self.tags[key] = _TagState()
             st.value, st.quality, st.reason = r.value, r.quality, r.reason
             if r.quality is Quality.GOOD:
                 st.good_ts, st.good_value = r.ts, r.value
-            touched.add(r.asset)
-            for alarm in self.by_asset.get(r.asset, ()):
+            for i in self._readers.get(key, ()):
+                touched.add(i)
+                alarm = order[i]
                 if alarm.rule.kind == "rate" and alarm.rule.tag == r.tag and r.quality is Quality.GOOD \
                         and _number(r.value) is not None:
                     _remember(alarm, r.ts, float(r.value))  # type: ignore[arg-type]
         out: list[Transition] = []
-        for asset_id in sorted(touched):
-            for alarm in self.by_asset.get(asset_id, ()):
-                self._evaluate(alarm, now, out)
+        for i in sorted(touched):  # map order: the same readings always give the same transitions
+            self._evaluate(order[i], now, out)
         return out
 
     def device(self, device_id: str, connected: bool, now: float) -> list[Transition]:
