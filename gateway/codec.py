@@ -97,16 +97,18 @@ def alert(*, gateway_id: str, seq: int, asset_name: str, kind: str, t: Transitio
     })
 
 
+def alarm_view(view: Mapping[str, object]) -> dict[str, object]:
+    """One alarm as the contract shows it (``alarms`` items, command replies): times in ISO 8601."""
+    item = dict(view)
+    for key in ("since", "shelved_until"):
+        v = item.get(key)
+        item[key] = iso_ms(v) if isinstance(v, (int, float)) else None
+    return item
+
+
 def alarms(items: Iterable[Mapping[str, object]]) -> bytes:
     """The retained list of an asset's alarms that are not normal (``[]`` when all are normal)."""
-    out = []
-    for a in items:
-        item = dict(a)
-        for key in ("since", "shelved_until"):
-            v = item.get(key)
-            item[key] = iso_ms(v) if isinstance(v, (int, float)) else None
-        out.append(item)
-    return orjson.dumps(out)
+    return orjson.dumps([alarm_view(a) for a in items])
 
 
 def event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str,

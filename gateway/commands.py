@@ -14,6 +14,7 @@ from typing import Annotated
 import orjson
 from pydantic import Field, ValidationError
 
+from .codec import alarm_view
 from .fields import Duration, Frozen
 from .model import iso_ms
 from .rules import MAX_SHELVE
@@ -87,9 +88,6 @@ def parse(name: str, payload: bytes) -> Command:
 
 def reply(*, gateway_id: str, command: str | None, request_id: str | None, ts: float, error: str | None = None,
           changed: bool = False, alarm: dict[str, object] | None = None) -> bytes:
-    if alarm is not None:
-        alarm = {**alarm, **{k: iso_ms(v) for k in ("since", "shelved_until")
-                             if isinstance(v := alarm.get(k), (int, float))}}
     return orjson.dumps({
         "gateway_id": gateway_id,
         "request_id": request_id,
@@ -97,6 +95,6 @@ def reply(*, gateway_id: str, command: str | None, request_id: str | None, ts: f
         "ok": error is None,
         "error": error,
         "changed": changed,
-        "alarm": alarm,
+        "alarm": alarm_view(alarm) if alarm is not None else None,
         "ts": iso_ms(ts),
     })
