@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -52,8 +53,11 @@ async def _run_and_stop(tmp_path: Path, stations: dict[str, Station], mosquitto:
                                       == {"good"}} >= set(tags),
                              20, "good state of every asset of the plant from the subprocess")
         finally:
-            os.kill(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it may have died: its log says why
+                os.kill(proc.pid, signal.SIGTERM)
             _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+            if proc.returncode != 0:
+                print(f"gateway exited {proc.returncode}; its log:\n{stderr.decode()[-6000:]}")
         await wait_until(lambda: sub.leaf("status") and sub.leaf("status")[-1].data["state"] == "offline",
                          5, "offline status")
     assert proc.returncode == 0, stderr.decode()
