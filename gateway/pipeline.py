@@ -123,7 +123,7 @@ class Pipeline:
             self.log.warning("alarm states not restored (rule gone or changed)", alarms=dropped)
         states = [self._alarms_state(a) for a in self.assets if self.assets[a].rules]
         await self.buffer.append([], states)
-        self._alarm_metrics([])
+        self._alarm_counts()
         self.on_commit(states)
 
     # -- one commit ------------------------------------------------------------------------------
@@ -216,9 +216,8 @@ class Pipeline:
             memory.append((f"alarm:{t.alarm_id}", orjson.dumps(self.engine.snapshot(t.alarm_id))))
             changed[t.asset_id] = None
             log = self.log.warning if t.state.value.startswith("active") else self.log.info
-            log("alarm", alarm_id=t.alarm_id,
-                         state=t.state.value, previous=t.previous.value, trigger=t.trigger,
-                         severity=t.severity, code=t.code, value=t.value)
+            log("alarm", alarm_id=t.alarm_id, state=t.state.value, previous=t.previous.value, trigger=t.trigger,
+                severity=t.severity, code=t.code, value=t.value)
         states.extend(self._alarms_state(a) for a in changed)
 
     def _alarms_state(self, asset_id: str) -> tuple[str, bytes]:
@@ -260,8 +259,13 @@ class Pipeline:
                 command.reply.set_result(payload)
 
     def _alarm_metrics(self, transitions: list[Transition]) -> None:
+        """Counts change only with transitions: most commits have none and skip the walk over alarms."""
         for t in transitions:
             self.metrics.alarm_transitions.labels(t.severity, t.state.value).inc()
+        if transitions:
+            self._alarm_counts()
+
+    def _alarm_counts(self) -> None:
         for severity, n in self.engine.counts().items():
             self.metrics.alarms_active.labels(severity).set(n)
 

@@ -259,7 +259,6 @@ class _TagState:
     quality: Quality | None = None
     reason: str | None = None
     good_ts: float | None = None  # last good reading
-    good_value: object = None
 
 
 class Engine:
@@ -301,7 +300,7 @@ class Engine:
                 st = self.tags[key] = _TagState()
             st.value, st.quality, st.reason = r.value, r.quality, r.reason
             if r.quality is Quality.GOOD:
-                st.good_ts, st.good_value = r.ts, r.value
+                st.good_ts = r.ts
             for i in self._readers.get(key, ()):
                 touched.add(i)
                 alarm = order[i]
