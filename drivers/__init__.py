@@ -7,7 +7,7 @@ network; ``connect`` does the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from gateway.model import Reading
@@ -44,6 +44,36 @@ class BadReply(DriverError):
     kind = "bad_reply"
 
 
+class BadValue(DriverError):
+    """The device answered, but a value cannot be used (NaN or infinite, undecodable, wrong type)."""
+
+    kind = "bad_value"
+
+    @classmethod
+    def of(cls, device: str, rejected: Sequence[Reading]) -> BadValue:
+        first = rejected[0]
+        more = f" (and {len(rejected) - 1} more tags)" if len(rejected) > 1 else ""
+        return cls(device, f"{first.asset}/{first.tag}: {first.reason}{more}")
+
+
+class ReadResult(list[Reading]):
+    """Readings of one cycle, plus what failed without breaking the connection (the poller counts it)."""
+
+    def __init__(self, readings: Iterable[Reading] = ()) -> None:
+        super().__init__(readings)
+        self.errors: list[DriverError] = []
+
+
+class WriteNotApplied(DriverError):
+    """The device answered the write, but reading the tag back shows another value."""
+
+    kind = "not_applied"
+
+
+class WriteRefused(ValueError):
+    """The driver will not write this tag: it does not know it, or the tag's table is read-only."""
+
+
 class Driver(Protocol):
     device_id: str
 
@@ -60,3 +90,18 @@ class Driver(Protocol):
     def bad(self, reason: str, ts: float) -> list[Reading]:
         """A reading of every tag with ``bad`` quality and ``reason`` (the device failed)."""
         ...
+
+
+class Writer(Protocol):
+    """A driver that can set a tag on its device (operator writes of setpoints).
+
+    ``write`` reads the tag, writes the engineering ``value`` (the tag's transform inverted), reads it
+    back and returns the engineering value it held before (None if that did not decode). It raises
+    ``ValueError`` before anything is written for a tag or value it cannot write (``WriteRefused``,
+    ``EncodeError``), and ``DriverError`` for I/O failures (the kinds reads have), device refusals
+    and a value the device did not keep (``WriteNotApplied``).
+    """
+
+    device_id: str
+
+    async def write(self, asset: str, tag: str, value: object) -> object: ...

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -27,10 +28,22 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, Node, ua
+from asyncua.common.ua_utils import data_type_to_variant_type
 from asyncua.crypto import security_policies
 from asyncua.ua.uaerrors import UaError
 
-from drivers import DeviceTimeout, DeviceUnreachable, DriverError
+from drivers import (
+    BadReply,
+    BadValue,
+    DeviceException,
+    DeviceTimeout,
+    DeviceUnreachable,
+    DriverError,
+    ReadResult,
+    WriteNotApplied,
+    WriteRefused,
+)
+from drivers.encoding import EncodeError, Kind, check_int_range, to_raw
 from gateway.model import Quality, Reading, Transform
 
 logging.getLogger("asyncua").setLevel(logging.CRITICAL)  # failures are reported by the poller
@@ -130,6 +143,8 @@ class OpcUaDriver:
         self._subscription: Any = None
         self._next_check = 0.0
         self._limit = 0
+        self._writing = asyncio.Lock()  # one write at a time (read, write, read back)
+        self._rejected: list[Reading] = []  # values of this read() that cannot be used (NaN, wrong type)
 
     # -- driver protocol ---------------------------------------------------------------------
     def describe_plan(self) -> list[str]:
@@ -157,6 +172,9 @@ class OpcUaDriver:
             await self._secure(client)
             async with asyncio.timeout(self.timeout * 3):
                 await client.connect()
+        except asyncio.CancelledError:  # asyncua closes the socket on errors, not on a cancellation
+            client.disconnect_socket()
+            raise
         except TimeoutError:
             await _quiet_disconnect(client)
             hint = ""
@@ -183,12 +201,13 @@ class OpcUaDriver:
         if client is not None:
             await _quiet_disconnect(client)
 
-    async def read(self) -> list[Reading]:
+    async def read(self) -> ReadResult:
         client = self._client
         if client is None:
             raise DeviceUnreachable(self.device_id, "not connected")
         if self._lost is not None:
             raise DeviceUnreachable(self.device_id, f"session lost: {self._lost}")
+        self._rejected.clear()
         try:
             async with asyncio.timeout(self.timeout * 2):
                 readings = await (self._poll() if self.mode == "poll" else self._drain())
@@ -198,7 +217,10 @@ class OpcUaDriver:
             raise DeviceTimeout(self.device_id, f"no answer from {self.endpoint} in {self.timeout * 2:g}s") from None
         except (OSError, UaError, ua.UaStatusCodeError, ConnectionError) as exc:
             raise DeviceUnreachable(self.device_id, _describe(exc)) from exc
-        return readings
+        result = ReadResult(readings)
+        if self._rejected:
+            result.errors.append(BadValue.of(self.device_id, self._rejected))
+        return result
 
     # -- connect -----------------------------------------------------------------------------
     async def _on_lost(self, exc: Exception) -> None:
@@ -341,6 +363,10 @@ class OpcUaDriver:
             out += [self._missing_reading(i, now) for i in self._missing]
         return out
 
+    def _reject(self, reading: Reading) -> Reading:
+        self._rejected.append(reading)
+        return reading
+
     def _missing_reading(self, i: int, now: float) -> Reading:
         t = self.tags[i]
         return Reading(t.asset, t.tag, None, Quality.BAD, self._missing[i], None, now)
@@ -353,12 +379,153 @@ class OpcUaDriver:
             return Reading(t.asset, t.tag, None, Quality.BAD, f"{status.name} for node {t.node}", src, now)
         raw = dv.Value.Value if dv.Value is not None else None
         if t.expected is not None and not EXPECTED[t.expected](raw):
-            return Reading(t.asset, t.tag, None, Quality.BAD,
-                           f"node {t.node} holds {type(raw).__name__}, expected {t.expected}", src, now)
+            return self._reject(Reading(t.asset, t.tag, None, Quality.BAD,
+                                        f"node {t.node} holds {type(raw).__name__}, expected {t.expected}", src, now))
         value, quality, reason = t.transform.apply(_plain(raw))
+        if quality is Quality.BAD:  # e.g. NaN or infinite
+            return self._reject(Reading(t.asset, t.tag, value, quality, reason, src, now))
         if status.is_uncertain() and quality is Quality.GOOD:
             quality, reason = Quality.UNCERTAIN, status.name
         return Reading(t.asset, t.tag, value, quality, reason, src, now)
+
+    # -- writes ------------------------------------------------------------------------------
+    async def write(self, asset: str, tag: str, value: object) -> object:
+        """Set ``asset``/``tag`` to the engineering ``value``; return the value it held before.
+
+        One Read of the node's Value and DataType, one Write with the node's own VariantType (an
+        Int32 node gets an Int32, a Float node a Float), one Read back. Raises WriteRefused for a tag
+        this driver does not have (before any request) and EncodeError for a value the node's type
+        cannot hold (before the write; both ValueError). DeviceUnreachable and DeviceTimeout as read()
+        does (after a timeout the write may or may not have been applied), DeviceException when the
+        node is missing or the server refuses the write (e.g. BadNotWritable), WriteNotApplied when
+        the value read back is not the one written. Writes of one driver run one at a time.
+        """
+        index = next((i for i, t in enumerate(self.tags) if t.asset == asset and t.tag == tag), None)
+        if index is None:
+            raise WriteRefused(f"{self.device_id}: no tag {asset}/{tag} on this device")
+        async with self._writing:
+            client = self._client
+            if client is None:
+                raise DeviceUnreachable(self.device_id, "not connected")
+            if self._lost is not None:
+                raise DeviceUnreachable(self.device_id, f"session lost: {self._lost}")
+            node_id = self._node_ids.get(index)
+            if node_id is None:
+                reason = self._missing.get(index, f"node {self.tags[index].node} not resolved")
+                raise DeviceException(self.device_id, f"{asset}/{tag}: {reason}")
+            try:
+                async with asyncio.timeout(self.timeout * 3):
+                    return await self._write_node(client, self.tags[index], node_id, value)
+            except TimeoutError:
+                raise DeviceTimeout(self.device_id, f"no answer from {self.endpoint} in {self.timeout * 3:g}s to "
+                                                    f"a write of {asset}/{tag}; it may or may not have been applied"
+                                    ) from None
+            except (OSError, UaError, ua.UaStatusCodeError, ConnectionError) as exc:
+                raise DeviceUnreachable(self.device_id, _describe(exc)) from exc
+
+    async def _write_node(self, client: Client, spec: OpcTagSpec, node_id: ua.NodeId, value: object) -> object:
+        where = f"{spec.asset}/{spec.tag} (node {spec.node})"
+        params = ua.ReadParameters()
+        for attribute in (ua.AttributeIds.Value, ua.AttributeIds.DataType):
+            params.NodesToRead.append(ua.ReadValueId(NodeId=node_id, AttributeId=attribute))
+        current, dtype = self._results(await client.uaclient.read(params), 2, where)
+        if dtype.StatusCode is not None and dtype.StatusCode.is_bad():  # e.g. BadNodeIdUnknown
+            raise DeviceException(self.device_id, f"{where}: {dtype.StatusCode.name}")
+        vtype = await _variant_type(client, dtype.Value.Value if dtype.Value is not None else None, current)
+        variant = encode_variant(value, spec.transform, vtype)
+        old = None  # a Bad value (a failed sensor) was no value: the audit trail shows null
+        good = current.StatusCode is None or not current.StatusCode.is_bad()
+        if good and current.Value is not None and current.Value.Value is not None:
+            old = spec.transform.apply(_plain(current.Value.Value))[0]
+        (status,) = self._results(
+            await client.uaclient.write_attributes([node_id], [ua.DataValue(variant)], ua.AttributeIds.Value), 1, where)
+        if not status.is_good():
+            raise DeviceException(self.device_id, f"{where}: the server refused the write: {status.name}")
+        (back,) = self._results(await client.uaclient.read_attributes([node_id], ua.AttributeIds.Value), 1, where)
+        held = back.Value.Value if back.Value is not None else None
+        if not _same(held, variant.Value) or (back.StatusCode is not None and back.StatusCode.is_bad()):
+            shown = spec.transform.apply(_plain(held))[0]
+            raise WriteNotApplied(self.device_id, f"{where}: wrote {value!r}, the server holds {shown!r}")
+        return old
+
+    def _results(self, results: list[Any], want: int, where: str) -> list[Any]:
+        if len(results) != want:
+            raise BadReply(self.device_id, f"{where}: {len(results)} results to a request for {want}")
+        return results
+
+
+OPC_INT_RANGES: dict[ua.VariantType, tuple[int, int]] = {
+    ua.VariantType.SByte: (-(1 << 7), (1 << 7) - 1),
+    ua.VariantType.Byte: (0, (1 << 8) - 1),
+    ua.VariantType.Int16: (-(1 << 15), (1 << 15) - 1),
+    ua.VariantType.UInt16: (0, (1 << 16) - 1),
+    ua.VariantType.Int32: (-(1 << 31), (1 << 31) - 1),
+    ua.VariantType.UInt32: (0, (1 << 32) - 1),
+    ua.VariantType.Int64: (-(1 << 63), (1 << 63) - 1),
+    ua.VariantType.UInt64: (0, (1 << 64) - 1),
+}
+_ABSTRACT_TYPES = {24, 26, 27, 28}  # BaseDataType, Number, Integer, UInteger: the value says which
+
+
+def encode_variant(value: object, transform: Transform, vtype: ua.VariantType) -> ua.Variant:
+    """Pure: the Variant of ``vtype`` that reads back (through ``transform``) as ``value``.
+
+    Raises EncodeError (a ValueError) for a value of the wrong kind, out of the type's range, not
+    finite, or a node type this driver does not write (only Boolean, integers, Float, Double, String).
+    """
+    if vtype is ua.VariantType.Boolean:
+        kind: Kind = "bool"
+    elif vtype in OPC_INT_RANGES:
+        kind = "int"
+    elif vtype in (ua.VariantType.Float, ua.VariantType.Double):
+        kind = "float"
+    elif vtype is ua.VariantType.String:
+        kind = "string"
+    else:
+        raise EncodeError(f"cannot write a node of type {vtype.name}")
+    raw = to_raw(value, transform, kind)
+    if kind == "int":
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            raise EncodeError(f"a {vtype.name} node needs a number, got {raw!r}")
+        check_int_range(raw, *OPC_INT_RANGES[vtype], vtype.name, transform)
+    elif kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise EncodeError(f"a {vtype.name} node needs a number, got {raw!r}")
+        raw = float(raw)
+        if vtype is ua.VariantType.Float:
+            try:
+                raw = struct.unpack(">f", struct.pack(">f", raw))[0]
+            except OverflowError:
+                raise EncodeError(f"{value!r} is out of range for Float (float32)") from None
+    elif type(raw) is not (bool if kind == "bool" else str):
+        raise EncodeError(f"a {vtype.name} node cannot hold {raw!r}")
+    return ua.Variant(raw, vtype)
+
+
+async def _variant_type(client: Client, dtype: object, current: ua.DataValue) -> ua.VariantType:
+    """The VariantType values of a node with DataType ``dtype`` are written with."""
+    held = current.Value.VariantType if current.Value is not None and current.Value.Value is not None else None
+    if not isinstance(dtype, ua.NodeId):
+        if held is None:
+            raise EncodeError("the node has neither a DataType nor a value to take the type from")
+        return held
+    if dtype.NamespaceIndex == 0 and isinstance(dtype.Identifier, int):
+        if 1 <= dtype.Identifier <= 21:
+            return ua.VariantType(dtype.Identifier)
+        if dtype.Identifier == 29:  # Enumeration: Int32 on the wire
+            return ua.VariantType.Int32
+    if not (dtype.NamespaceIndex == 0 and dtype.Identifier in _ABSTRACT_TYPES):
+        vtype = await data_type_to_variant_type(client.get_node(dtype))  # a subtype: walk to its base
+        if vtype is not ua.VariantType.Variant:
+            return vtype
+    if held is None:
+        raise EncodeError(f"the node's DataType {dtype} is abstract and it holds no value to take the type from")
+    return held
+
+
+def _same(held: object, written: object) -> bool:
+    """The value read back is the one written (same Python type: True is not 1)."""
+    return type(held) is type(written) and held == written
 
 
 def _plain(value: object) -> object:

@@ -34,7 +34,9 @@ def _opcua(tag_map: TagMap, device: OpcUaDevice, settings: Settings) -> OpcUaDri
         assert isinstance(tag, OpcUaTag)  # cross_check guarantees an OPC-UA device has OPC-UA tags
         specs.append(OpcTagSpec(asset=asset.id, tag=name, node=tag.node,
                                 transform=Transform(tag.scale, tag.offset, tag.enum),
-                                expected=tag.type, deadband=tag.deadband))
+                                expected=tag.type,
+                                # the server's filter: a percent of the node's EURange, or an absolute band
+                                deadband=tag.deadband_percent if device.deadband_type == "percent" else tag.deadband))
     password = None
     if settings.opcua_password is not None:
         password = settings.opcua_password.get_secret_value()

@@ -13,23 +13,29 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from drivers import DriverError
 from drivers.registry import build_driver
 
 from . import __version__
-from .buffer import Buffer
+from . import commands as cmds
+from .buffer import PRIORITY_NAMES, Buffer, Full
 from .health import HealthServer
 from .logs import get
 from .metrics import Metrics
-from . import commands as cmds
 from .pipeline import Item, Pipeline
 from .poller import Poller
 from .publisher import Publisher
 from .sdnotify import Notifier
 from .settings import Settings
+from .sparkplug import Catalog
+from .sparkplug.session import CONSUMER as SPARKPLUG
+from .sparkplug.session import SparkplugSession
 from .tagmap import SourceError, TagMap
 
 QUEUE_SIZE = 1024
+STAGGER_MAX = 1.0  # seconds over which the first polls of a map's devices are spread
 COMMAND_TIMEOUT = 10.0  # an operator command not answered by then gets an error reply
+WRITE_TIMEOUT = 5.0  # a PLC write (read old, write, read back) that takes longer is reported as failed
 STOP_GRACE = 5.0  # seconds the publisher gets to say offline at shutdown
 
 
@@ -44,16 +50,19 @@ def mqtt_password(tag_map: TagMap, settings: Settings) -> str | None:
 class _Generation:
     """Pollers and the pipeline of one tag map."""
 
-    def __init__(self, gw: Gateway, tm: TagMap, buffer: Buffer, publisher: Publisher) -> None:
+    def __init__(self, gw: Gateway, tm: TagMap, buffer: Buffer) -> None:
         self.queue: asyncio.Queue[Item] = asyncio.Queue(QUEUE_SIZE)
         self.pipeline = Pipeline(tag_map=tm, buffer=buffer, queue=self.queue, boot_id=gw.boot_id,
-                                 metrics=gw.metrics, on_commit=publisher.notify)
+                                 metrics=gw.metrics, on_commit=gw.notify, on_devices=gw.devices_changed)
         self.pollers: dict[str, Poller] = {}
-        for device in tm.devices:
+        for i, device in enumerate(tm.devices):
             driver = build_driver(tm, device.id, gw.settings)
+            # Spread the devices' cycles over the interval (at most 1 s): a hundred devices read in the
+            # same instant would make one burst that every reading of it waits for.
+            offset = min(device.interval, STAGGER_MAX) * i / len(tm.devices)
             self.pollers[device.id] = Poller(
                 driver=driver, interval=device.interval, timeout=device.timeout,
-                requests=len(driver.describe_plan()), out=self.queue, metrics=gw.metrics,
+                requests=len(driver.describe_plan()), out=self.queue, metrics=gw.metrics, offset=offset,
             )
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -94,6 +103,7 @@ class Gateway:
         self.pollers: dict[str, Poller] = {}
         self.generation: _Generation | None = None
         self.publisher: Publisher | None = None
+        self.sparkplug: SparkplugSession | None = None
         self.buffer: Buffer | None = None
         self.http: HealthServer | None = None
         self.ready = asyncio.Event()
@@ -106,7 +116,7 @@ class Gateway:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         """Run until ``shutdown`` is set; then stop polling, commit, say offline, close."""
-        async with Buffer(self.buffer_path) as buffer:
+        async with Buffer(self.buffer_path, max_size=self.tag_map.buffer.max_size, on_full=self._buffer_full) as buffer:
             self.buffer = buffer
             try:
                 await self._run(buffer, shutdown)
@@ -119,11 +129,13 @@ class Gateway:
         self.log.info("gateway starting", devices=len(tm.devices), assets=len(tm.assets),
                       buffer=str(self.buffer_path), backlog=buffer.rows, boot_id=self.boot_id)
         async with asyncio.TaskGroup() as tg:
-            publisher = self._start_publisher(tm, buffer, tg)
+            await _use_consumers(buffer, tm)
+            self._start_publisher(tm, buffer, tg)
+            self._start_sparkplug(tm, buffer, tg)
             await self._start_http()
             watchdog = tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
             stats = tg.create_task(self._buffer_stats(buffer), name="buffer-stats")
-            gen = self._generation(tm, buffer, publisher, tg)
+            gen = self._generation(tm, buffer, tg)
             self.ready.set()
             self.notifier.ready(f"{len(tm.devices)} devices, {len(tm.assets)} assets")
             while True:
@@ -138,11 +150,18 @@ class Gateway:
                 if new is None:
                     continue
                 await gen.stop()
-                if (new.mqtt, new.gateway) != (tm.mqtt, tm.gateway):
+                await buffer.set_max_size(new.buffer.max_size)
+                if (new.mqtt, new.gateway, _listens(new)) != (tm.mqtt, tm.gateway, _listens(tm)):
                     await self._stop_publisher()
-                    publisher = self._start_publisher(new, buffer, tg)
+                    await self._stop_sparkplug()
+                    await _use_consumers(buffer, new)
+                    self._start_publisher(new, buffer, tg)
+                    self._start_sparkplug(new, buffer, tg)
+                elif self.sparkplug is not None and self.sparkplug.catalog != Catalog.from_tag_map(new):
+                    await self._stop_sparkplug()  # other metrics: a new session, with births of them
+                    self._start_sparkplug(new, buffer, tg)
                 tm = self.tag_map = new
-                gen = self._generation(tm, buffer, publisher, tg)
+                gen = self._generation(tm, buffer, tg)
                 self.reloads += 1
                 self.log.info("tag map reloaded", devices=len(tm.devices), assets=len(tm.assets))
                 self.notifier.status(f"reloaded: {len(tm.devices)} devices, {len(tm.assets)} assets")
@@ -150,6 +169,7 @@ class Gateway:
             self.log.info("gateway stopping")
             await gen.stop()  # 1. inputs, 2. commit what is in memory
             await self._stop_publisher()  # 3. offline status, clean disconnect
+            await self._stop_sparkplug()  # NDEATH, clean disconnect
             stats.cancel()
             watchdog.cancel()
             if self.http is not None:
@@ -157,37 +177,83 @@ class Gateway:
         self.log.info("gateway stopped", backlog=buffer.rows)
 
     # -- parts -------------------------------------------------------------------------------
-    def _generation(self, tm: TagMap, buffer: Buffer, publisher: Publisher, tg: asyncio.TaskGroup) -> _Generation:
-        gen = self.generation = _Generation(self, tm, buffer, publisher)
+    def _generation(self, tm: TagMap, buffer: Buffer, tg: asyncio.TaskGroup) -> _Generation:
+        gen = self.generation = _Generation(self, tm, buffer)
         gen.start(tg)
         self.pollers = gen.pollers
         return gen
 
-    async def command(self, command: cmds.Command) -> bytes:
-        """An operator command, handed to the running tag map's alarms; the reply to publish."""
-        gen = self.generation
-        if gen is None:
-            return cmds.reply(gateway_id=self.tag_map.gateway.id, command=command.name,
-                              request_id=command.request_id, ts=time.time(), error="the gateway is starting")
+    async def command(self, command: cmds.Command | cmds.Write) -> bytes:
+        """An operator command: refused by policy, or carried out (a write by the device's poller's
+        driver), audited and committed by the running tag map's pipeline; the reply to publish."""
+        gen, tm = self.generation, self.tag_map
+        why = "the gateway is starting" if gen is None else cmds.refuse(tm, command)
+        if gen is None or why is not None:
+            self.metrics.commands.labels(command.name, "refused").inc()
+            self.log.warning("command refused", command=command.name, user=command.user, error=why,
+                             target=_target(command))
+            return cmds.reply(gateway_id=tm.gateway.id, command=command.name, request_id=command.request_id,
+                              ts=time.time(), error=why)
+        if isinstance(command, cmds.Write):
+            await self._write(gen, command)
         return await gen.pipeline.submit(command, COMMAND_TIMEOUT)
 
-    def _start_publisher(self, tm: TagMap, buffer: Buffer, tg: asyncio.TaskGroup) -> Publisher:
+    async def _write(self, gen: _Generation, w: cmds.Write) -> None:
+        """Ask the tag's device to take the value; the outcome goes into ``w`` for the audit trail."""
+        device = self.tag_map.asset(w.asset).tags[w.tag].device
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                w.old = await gen.pollers[device].driver.write(w.asset, w.tag, w.value)
+        except DriverError as exc:
+            w.error = f"{exc.kind}: {exc.detail}"
+        except ValueError as exc:
+            w.error = str(exc)
+        except TimeoutError:
+            w.error = f"the device did not answer within {WRITE_TIMEOUT:g} s; the value may have been written"
+        w.ts = time.time()
+        self.metrics.commands.labels("write", "ok" if w.error is None else "failed").inc()
+        (self.log.info if w.error is None else self.log.error)(
+            "tag write", user=w.user, target=_target(w), old=w.old, new=w.value, error=w.error,
+            request_id=w.request_id, comment=w.comment)
+
+    def notify(self, states: list[tuple[str, bytes]]) -> None:
+        """The pipeline committed rows (and these state snapshots): wake the outputs."""
+        for out in (self.publisher, self.sparkplug):
+            if out is not None:
+                out.notify(states)
+
+    def devices_changed(self, connected: dict[str, bool]) -> None:
+        """The pipeline committed batches of these devices (connected or lost): Sparkplug DDEATH/DBIRTH."""
+        if self.sparkplug is not None:
+            self.sparkplug.devices(connected)
+
+    def _start_sparkplug(self, tm: TagMap, buffer: Buffer, tg: asyncio.TaskGroup) -> None:
+        self.sparkplug = None
+        if tm.mqtt.format == "json":
+            return
+        self.sparkplug = SparkplugSession(tag_map=tm, buffer=buffer, metrics=self.metrics,
+                                          password=mqtt_password(tm, self.settings),
+                                          on_command=self.command if _listens(tm) else None)
+        self._sparkplug_task = tg.create_task(self.sparkplug.run(), name="sparkplug")
+
+    async def _stop_sparkplug(self) -> None:
+        if self.sparkplug is not None:
+            await _stop_output(self.sparkplug, self._sparkplug_task)
+
+    def _start_publisher(self, tm: TagMap, buffer: Buffer, tg: asyncio.TaskGroup) -> None:
+        self.publisher = None
+        if tm.mqtt.format == "sparkplug":
+            return
         self.publisher = Publisher(
             cfg=tm.mqtt, gateway_id=tm.gateway.id, boot_id=self.boot_id, version=__version__,
             buffer=buffer, metrics=self.metrics, password=mqtt_password(tm, self.settings),
-            on_command=self.command,
+            on_command=self.command if _listens(tm) else None,
         )
         self._pub_task = tg.create_task(self.publisher.run(), name="publisher")
-        return self.publisher
 
     async def _stop_publisher(self) -> None:
-        if self.publisher is None:
-            return
-        await self.publisher.stop()
-        done, _ = await asyncio.wait([self._pub_task], timeout=STOP_GRACE)
-        while not done:  # asyncio.wait never swallows a cancellation of the caller
-            self._pub_task.cancel()
-            done, _ = await asyncio.wait([self._pub_task], timeout=1.0)
+        if self.publisher is not None:
+            await _stop_output(self.publisher, self._pub_task)
 
     async def _start_http(self) -> None:
         address = self.settings.http_address
@@ -216,12 +282,20 @@ class Gateway:
             self.log.error("tag map reload refused, the running map stays", error=str(exc))
         return None
 
+    def _buffer_full(self, full: Full) -> None:
+        """The buffer gave rows up to stay writable: count each and say which."""
+        for priority, n in full.dropped.items():
+            self.metrics.drops.labels(full.reason, PRIORITY_NAMES[priority]).inc(n)
+        self.log.warning("buffer full, messages dropped", reason=full.reason, max_size=self.tag_map.buffer.max_size,
+                         dropped={PRIORITY_NAMES[p]: n for p, n in full.dropped.items()},
+                         first_seq=full.first_seq, last_seq=full.last_seq)
+
     async def _buffer_stats(self, buffer: Buffer) -> None:
         while True:
             self.metrics.buffer_rows.set(buffer.rows)
             try:
                 size, age = await buffer.stats()
-            except Exception as exc:  # noqa: BLE001 - stats are best effort; writes report their own errors
+            except Exception as exc:
                 self.log.warning("buffer stats failed", error=str(exc))
             else:
                 self._buffer_age = age
@@ -233,8 +307,9 @@ class Gateway:
         """ok unless no device can be read (the gateway cannot do its job); broker loss alone is
         'degraded': the buffer keeps every reading meanwhile."""
         devices = {d: {"connected": p.connected, "last_error": p.last_error} for d, p in self.pollers.items()}
-        pub = self.publisher
-        broker = {"connected": bool(pub and pub.connected), "last_error": pub.last_error if pub else None}
+        outs = [o for o in (self.publisher, self.sparkplug) if o is not None]
+        broker = {"connected": bool(outs) and all(o.connected for o in outs),
+                  "last_error": next((o.last_error for o in outs if o.last_error), None)}
         any_device = any(p.connected for p in self.pollers.values())
         ok = any_device or not self.pollers
         status = "ok" if ok and broker["connected"] and all(p.connected for p in self.pollers.values()) \
@@ -243,3 +318,27 @@ class Gateway:
         return ok, {"status": status, "gateway_id": self.tag_map.gateway.id, "boot_id": self.boot_id,
                     "version": __version__, "ts": time.time(), "devices": devices, "broker": broker,
                     "buffer": buffer, "reloads": self.reloads}
+
+
+def _target(command: cmds.Command | cmds.Write) -> str:
+    return f"{command.asset}/{command.tag}" if isinstance(command, cmds.Write) else command.alarm_id
+
+
+async def _use_consumers(buffer: Buffer, tm: TagMap) -> None:
+    """The buffer's readers: the JSON publisher (the default consumer) and/or the Sparkplug session."""
+    fmt = tm.mqtt.format
+    await buffer.use_consumers(*(() if fmt == "json" else (SPARKPLUG,)), default=fmt != "sparkplug")
+
+
+async def _stop_output(output: Publisher | SparkplugSession, task: asyncio.Task[None]) -> None:
+    """Ask an MQTT output to say goodbye and disconnect; cancel it when it takes over STOP_GRACE."""
+    await output.stop()
+    done, _ = await asyncio.wait([task], timeout=STOP_GRACE)
+    while not done:  # asyncio.wait never swallows a cancellation of the caller
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=1.0)
+
+
+def _listens(tm: TagMap) -> bool:
+    """Whether the gateway subscribes to its command topic at all."""
+    return tm.commands.alarms or tm.commands.writes

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -21,3 +23,9 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+    async def pause(self, stopping: asyncio.Event) -> None:
+        """Wait the next backoff delay, or less when ``stopping`` is set meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.next()):
+                await stopping.wait()

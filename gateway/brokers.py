@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -35,10 +37,25 @@ def find_mosquitto() -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener: the broker's certificate and key, and the CA its clients' certificates need."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+    port: int | None = None
+
+
 class Mosquitto:
     """A private Mosquitto on ``port`` with persistence in its own directory (restartable)."""
 
-    def __init__(self, port: int | None = None, *, workdir: Path | None = None, extra: str = "") -> None:
+    def __init__(self, port: int | None = None, *, workdir: Path | None = None, extra: str = "",
+                 tls: BrokerTls | None = None, users: dict[str, str] | None = None,
+                 acl_file: Path | None = None) -> None:
+        """``tls`` adds a TLS listener on ``tls_port``; ``users`` (name -> password) turns off
+        anonymous access on every listener; ``acl_file`` restricts topics (Mosquitto's format)."""
         binary = find_mosquitto()
         if binary is None:
             raise FileNotFoundError("mosquitto not found (Debian: apt-get install -y mosquitto)")
@@ -47,9 +64,24 @@ class Mosquitto:
         self.port = port or free_port()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mosquitto-"))
         self.conf = self.workdir / "mosquitto.conf"
+        self.password_file = self.workdir / "passwd"
+        self.tls_port: int | None = None
+        security = ""
+        if tls is not None:
+            self.tls_port = tls.port or free_port()
+            security += (f"listener {self.tls_port} {self.host}\n"
+                         f"cafile {tls.cafile}\ncertfile {tls.certfile}\nkeyfile {tls.keyfile}\n"
+                         f"require_certificate {'true' if tls.require_certificate else 'false'}\n"
+                         "tls_version tlsv1.2\n")
+        if users is not None:
+            self.set_passwords(users)
+            security += f"password_file {self.password_file}\n"
+        if acl_file is not None:
+            security += f"acl_file {acl_file}\n"
         self.conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            + security
+            + f"allow_anonymous {'false' if users is not None else 'true'}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 0\n"
@@ -64,6 +96,21 @@ class Mosquitto:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def set_passwords(self, users: dict[str, str]) -> None:
+        """(Re)write the password file with ``mosquitto_passwd -b``; a running broker reads it on reload()."""
+        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        self.password_file.unlink(missing_ok=True)
+        self.password_file.touch(mode=0o600)
+        for user, password in users.items():
+            subprocess.run([tool, "-b", str(self.password_file), user, password], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto reloads its password and ACL files; existing clients stay connected."""
+        if self.proc is None:
+            raise RuntimeError("mosquitto is not running")
+        self.proc.send_signal(signal.SIGHUP)
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "-c", str(self.conf)],
@@ -72,6 +119,8 @@ class Mosquitto:
         )
         try:
             wait_port(self.host, self.port)
+            if self.tls_port is not None:
+                wait_port(self.host, self.tls_port)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()}") from None

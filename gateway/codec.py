@@ -27,40 +27,68 @@ class Topics:
         return f"{self.prefix}/{kind}s/{asset_id}/{leaf}"
 
 
-def _reading(r: Reading) -> dict[str, object]:
-    out: dict[str, object] = {
-        "tag": r.tag,
-        "value": r.value,
-        "quality": r.quality.value,
-        "source_ts": iso_ms(r.source_ts) if r.source_ts is not None else None,
-        "ts": iso_ms(r.ts),
-    }
-    if r.quality is not Quality.GOOD:
-        out["reason"] = r.reason
-    return out
+_GOOD = Quality.GOOD
+_QUALITY = {q: q.value for q in Quality}
 
 
 def telemetry(*, gateway_id: str, boot_id: str, seq: int, asset_id: str,
               readings: Iterable[Reading]) -> bytes:
+    """Each reading: ``tag``, ``value``, ``quality``, ``source_ts``, ``ts``, and ``reason`` when not good.
+
+    Hot path (one call per asset and commit, one item per value): the readings of one poll share
+    their ``ts``, so the last conversion to ISO 8601 is reused, and so is the last ``source_ts``'s."""
+    items: list[dict[str, object]] = []
+    append = items.append
+    last_ts: float | None = None
+    last_iso = last_src_iso = ""
+    last_src: float | None = None
+    for r in readings:
+        ts = r.ts
+        if ts != last_ts:
+            last_ts, last_iso = ts, iso_ms(ts)
+        src = r.source_ts
+        if src is None:
+            src_iso = None
+        else:
+            if src != last_src:
+                last_src, last_src_iso = src, iso_ms(src)
+            src_iso = last_src_iso
+        quality = r.quality
+        if quality is _GOOD:
+            append({"tag": r.tag, "value": r.value, "quality": "good", "source_ts": src_iso, "ts": last_iso})
+        else:
+            append({"tag": r.tag, "value": r.value, "quality": _QUALITY[quality], "source_ts": src_iso,
+                    "ts": last_iso, "reason": r.reason})
     return orjson.dumps({
         "gateway_id": gateway_id,
         "boot_id": boot_id,
         "seq": seq,
         "asset_id": asset_id,
-        "readings": [_reading(r) for r in readings],
+        "readings": items,
     })
 
 
 def state(*, asset_id: str, asset_name: str, kind: str, ts: float,
           latest: Mapping[str, Reading]) -> bytes:
+    values: dict[str, object] = {}
+    quality: dict[str, str] = {}
+    reasons: dict[str, str | None] = {}
+    for tag, r in latest.items():
+        values[tag] = r.value
+        q = r.quality
+        if q is _GOOD:
+            quality[tag] = "good"
+        else:
+            quality[tag] = _QUALITY[q]
+            reasons[tag] = r.reason
     return orjson.dumps({
         "asset_id": asset_id,
         "asset_name": asset_name,
         "kind": kind,
         "ts": iso_ms(ts),
-        "values": {tag: r.value for tag, r in latest.items()},
-        "quality": {tag: r.quality.value for tag, r in latest.items()},
-        "reasons": {tag: r.reason for tag, r in latest.items() if r.quality is not Quality.GOOD},
+        "values": values,
+        "quality": quality,
+        "reasons": reasons,
     })
 
 
@@ -111,21 +139,26 @@ def alarms(items: Iterable[Mapping[str, object]]) -> bytes:
     return orjson.dumps([alarm_view(a) for a in items])
 
 
+def _event(name: str, *, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str,
+           ts: float, **fields: object) -> bytes:
+    return orjson.dumps({"event": name, "gateway_id": gateway_id, "seq": seq, "asset_id": asset_id,
+                         "asset_name": asset_name, "kind": kind, "tag": tag, **fields, "ts": iso_ms(ts)})
+
+
 def event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str,
           old: object, new: object, ts: float) -> bytes:
     """A status change, named like the production API's ``station-status`` / ``reactor-update``."""
-    return orjson.dumps({
-        "event": "station-status" if kind == "station" else "reactor-update",
-        "gateway_id": gateway_id,
-        "seq": seq,
-        "asset_id": asset_id,
-        "asset_name": asset_name,
-        "kind": kind,
-        "tag": tag,
-        "old_status": old,
-        "new_status": new,
-        "ts": iso_ms(ts),
-    })
+    return _event("station-status" if kind == "station" else "reactor-update", gateway_id=gateway_id, seq=seq,
+                  asset_id=asset_id, asset_name=asset_name, kind=kind, tag=tag, ts=ts, old_status=old, new_status=new)
+
+
+def write_event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str, user: str,
+                comment: str | None, request_id: str | None, old: object, new: object, error: str | None,
+                ts: float) -> bytes:
+    """The audit record of an operator's write to a PLC tag: who, what, old and new value, outcome."""
+    return _event("tag-write", gateway_id=gateway_id, seq=seq, asset_id=asset_id, asset_name=asset_name, kind=kind,
+                  tag=tag, ts=ts, user=user, comment=comment, request_id=request_id, old_value=old, new_value=new,
+                  ok=error is None, error=error)
 
 
 def status(*, online: bool, gateway_id: str, version: str, boot_id: str, ts: float) -> bytes:

@@ -12,7 +12,8 @@ class Metrics:
         self.registry = r = registry or CollectorRegistry()
         self.polls = Counter("gateway_device_polls", "Poll cycles completed", ["device"], registry=r)
         self.poll_errors = Counter(
-            "gateway_device_errors", "Failed device calls by kind", ["device", "kind"], registry=r
+            "gateway_device_errors", "Device failures by kind (unreachable, timeout, exception, bad_reply, "
+            "bad_value, ...)", ["device", "kind"], registry=r
         )
         self.poll_latency = Histogram(
             "gateway_device_poll_duration_seconds", "Time to read all of a device's tags",
@@ -44,7 +45,8 @@ class Metrics:
         self.buffer_errors = Counter(
             "gateway_buffer_errors", "Buffer writes or deletes that failed", ["op"], registry=r
         )
-        self.drops = Counter("gateway_buffer_drops", "Messages dropped, by reason", ["reason"], registry=r)
+        self.drops = Counter("gateway_buffer_drops", "Messages dropped, by reason (cap, disk_full, buffer_error) "
+                             "and kind (telemetry, event, alert)", ["reason", "kind"], registry=r)
         self.publishes = Counter("gateway_mqtt_publishes", "Messages acknowledged by the broker",
                                  ["kind"], registry=r)
         self.inflight = Gauge("gateway_mqtt_inflight", "QoS 1 messages awaiting PUBACK", registry=r)

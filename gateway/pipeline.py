@@ -17,14 +17,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from functools import partial
+from operator import attrgetter
 
 import orjson
+from prometheus_client import Counter
 
 from . import codec
 from . import commands as cmds
-from .buffer import ALERT, EVENT, TELEMETRY, Buffer, Message
+from .buffer import ALERT, EVENT, PRIORITY_NAMES, TELEMETRY, Buffer, BufferError, Message
 from .codec import Topics
 from .derived import Derived
+from .exception import Deadband, deadbands
 from .logs import get
 from .metrics import Metrics
 from .model import Quality, Reading
@@ -32,29 +35,37 @@ from .poller import DeviceBatch
 from .rules import AssetInfo, CommandError, Engine, Transition
 from .tagmap import TagMap
 
-Item = DeviceBatch | cmds.Command | None
+Item = DeviceBatch | cmds.Command | cmds.Write | None
 STATUS_TAG = "status"  # a change of this tag is an `events` message
 DERIVED_SAVE_EVERY = 10.0  # seconds between saves of derived counters (and at every stop)
+CLOCK_JUMP = 2.0  # seconds the wall clock may drift from the monotonic clock between commits before it counts as a step
 _Pending = tuple[str, str, int, Callable[..., bytes]]  # asset, topic, priority, payload(seq=...)
+_GOOD = Quality.GOOD
+_TAG = attrgetter("tag")
+_QUALITY = attrgetter("quality")
 
 
 class Pipeline:
     def __init__(self, *, tag_map: TagMap, buffer: Buffer, queue: asyncio.Queue[Item],
                  boot_id: str, metrics: Metrics, on_commit: Callable[[list[tuple[str, bytes]]], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 on_devices: Callable[[dict[str, bool]], None] | None = None) -> None:
         self.tag_map = tag_map
         self.buffer = buffer
         self.queue = queue
         self.boot_id = boot_id
         self.metrics = metrics
         self.on_commit = on_commit  # called with the state snapshots just committed
+        self.on_devices = on_devices  # called after a commit with the connectivity of the devices it read
         self.clock = clock
+        self.monotonic = monotonic
+        self._clocks: tuple[float, float] | None = None  # (wall, monotonic) at the last commit
         self.gateway_id = tag_map.gateway.id
         self.topics = Topics(tag_map.mqtt.topic_prefix, tag_map.gateway.id)
         self.assets = {a.id: a for a in tag_map.assets}
-        self.deadbands = {(a.id, n): t.deadband for a in tag_map.assets for n, t in a.tags.items()}
+        # report by exception: (asset, tag) -> its band, max silence and last report; absent: every reading
+        self.deadbands: dict[tuple[str, str], Deadband] = deadbands(tag_map)
         self.latest: dict[str, dict[str, Reading]] = defaultdict(dict)  # last reading per tag
-        self.reported: dict[tuple[str, str], Reading] = {}  # last reading sent in telemetry
         self.statuses: dict[str, object] = {}  # last good status per asset
         calendar = tag_map.gateway.calendar()
         self.derived = {a.id: Derived(a.id, a.derived, calendar) for a in tag_map.assets if a.derived}
@@ -68,6 +79,7 @@ class Pipeline:
         )
         self.log = get(component="pipeline")
         self._restored = False
+        self._reading_counters: dict[tuple[str, Quality], Counter] = {}  # metrics.readings' children
 
     # -- running ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -89,7 +101,7 @@ class Pipeline:
             if done:
                 return
 
-    async def submit(self, command: cmds.Command, timeout: float) -> bytes:
+    async def submit(self, command: cmds.Command | cmds.Write, timeout: float) -> bytes:
         """Queue an operator command; its reply once the effect is committed."""
         loop = asyncio.get_running_loop()
         command.reply = loop.create_future()
@@ -127,19 +139,21 @@ class Pipeline:
         self.on_commit(states)
 
     # -- one commit ------------------------------------------------------------------------------
-    async def commit(self, items: list[DeviceBatch | cmds.Command], *, final: bool = False) -> None:
+    async def commit(self, items: list[DeviceBatch | cmds.Command | cmds.Write], *, final: bool = False) -> None:
         """Commit what ``items`` cause; ``final``: the last commit before a stop (save everything)."""
-        now = self.clock()
+        now = self._now()
         pending: list[_Pending] = []
         transitions: list[Transition] = self.engine.tick(now)
         states: list[tuple[str, bytes]] = []
         memory: list[tuple[str, bytes]] = []
         by_asset: dict[str, list[Reading]] = defaultdict(list)
-        commands: list[cmds.Command] = []
+        commands: list[cmds.Command | cmds.Write] = []
+        devices: dict[str, bool] = {}
         for item in items:
-            if isinstance(item, cmds.Command):
+            if isinstance(item, (cmds.Command, cmds.Write)):
                 commands.append(item)
                 continue
+            devices[item.device] = item.connected
             transitions += self.engine.device(item.device, item.connected, now)
             for r in item.readings:
                 by_asset[r.asset].append(r)
@@ -147,30 +161,35 @@ class Pipeline:
             derived = self.derived.get(asset_id)
             if derived is not None:
                 readings.extend(derived.update(readings, now))
-            self._telemetry(asset_id, readings, pending, states, memory)
+            self._telemetry(asset_id, readings, pending, states, memory, now=now)
             transitions += self.engine.update(readings, now)
         for asset_id, derived in self.derived.items():
             if final or now - self._derived_saved.get(asset_id, 0.0) >= DERIVED_SAVE_EVERY:
                 self._derived_saved[asset_id] = now
                 memory.append((f"derived:{asset_id}", orjson.dumps(derived.snapshot())))
-        replies: list[tuple[cmds.Command, bytes]] = []
+        replies: list[tuple[cmds.Command | cmds.Write, bytes]] = []
         for command in commands:
+            if isinstance(command, cmds.Write):
+                replies.append((command, self._written(command, pending)))
+                continue
             t, reply = self._apply(command, now)
             transitions += t
             replies.append((command, reply))
         self._alerts(transitions, pending, states, memory)
         if not pending and not states and not memory:
             self._answer(replies)
+            self._devices(devices)
             return
         seq = self.buffer.next_seq
         rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio) for i, (asset, topic, prio, make)
                 in enumerate(pending)]
         try:
             await self.buffer.append(rows, states, memory)
-        except sqlite3.Error as exc:
-            # The disk-full policy (evict by priority) is not built yet: count and log the loss.
+        except (sqlite3.Error, BufferError) as exc:
+            # Not a full buffer (the buffer makes room for itself), but a broken disk or database.
             self.metrics.buffer_errors.labels("append").inc()
-            self.metrics.drops.labels("buffer_error").inc(len(rows))
+            for row in rows:
+                self.metrics.drops.labels("buffer_error", PRIORITY_NAMES[row.priority]).inc()
             self.log.error("buffer write failed, messages dropped", rows=len(rows), error=str(exc))
             self._answer([(c, self._reply(c, error=f"buffer write failed: {exc}")) for c, _ in replies])
             return
@@ -178,29 +197,58 @@ class Pipeline:
         self._alarm_metrics(transitions)
         self._answer(replies)
         self.on_commit(states)
+        self._devices(devices)
+
+    def _devices(self, devices: dict[str, bool]) -> None:
+        """Device connectivity, once what the devices' batches caused is committed (Sparkplug DDEATH)."""
+        if devices and self.on_devices is not None:
+            self.on_devices(devices)
+
+    def _now(self) -> float:
+        """Wall time for this commit. A step of the wall clock (NTP, an operator) moves the alarm
+        timers with it: ordering is by ``seq`` anyway, and durations follow the monotonic clock."""
+        now, mono = self.clock(), self.monotonic()
+        if self._clocks is not None:
+            jump = (now - self._clocks[0]) - (mono - self._clocks[1])
+            if abs(jump) > CLOCK_JUMP:
+                self.engine.shift(jump)
+                self.log.warning("wall clock stepped", seconds=round(jump, 3))
+        self._clocks = (now, mono)
+        return now
 
     def _telemetry(self, asset_id: str, readings: list[Reading], pending: list[_Pending],
-                   states: list[tuple[str, bytes]], memory: list[tuple[str, bytes]]) -> None:
+                   states: list[tuple[str, bytes]], memory: list[tuple[str, bytes]], *,
+                   now: float) -> None:
         asset = self.assets[asset_id]
         self._count(asset_id, readings)
-        report = [r for r in readings if self._report(r)]
+        report = [r for r in readings if self._report(r, now)]
         if report:
             pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
                             partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id,
                                     asset_id=asset_id, readings=report)))
+        # One pass (per value: keep it lean): status changes, and whether anything reported differs from
+        # the state snapshot (value, quality or reason). The snapshot holds what telemetry reported, so
+        # a value moving inside its deadband republishes neither.
+        latest = self.latest[asset_id]
+        last = latest.get
+        changed = False
+        for r in report:
+            old = last(r.tag)
+            if old is None or old.value != r.value or old.quality is not r.quality or old.reason != r.reason:
+                changed = True
+                break
         for r in readings:
-            if r.tag == STATUS_TAG and r.quality is Quality.GOOD and r.value != self.statuses.get(asset_id):
-                old = self.statuses.get(asset_id)
+            if r.tag == STATUS_TAG and r.quality is _GOOD and r.value != self.statuses.get(asset_id):
+                old_status = self.statuses.get(asset_id)
                 self.statuses[asset_id] = r.value
                 memory.append((f"status:{asset_id}", orjson.dumps(r.value)))
-                if old is not None:  # the first status ever seen is no change
+                if old_status is not None:  # the first status ever seen is no change
                     pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "events"), EVENT,
                                     partial(codec.event, gateway_id=self.gateway_id, asset_id=asset_id,
-                                            asset_name=asset.name, kind=asset.kind, tag=r.tag, old=old,
+                                            asset_name=asset.name, kind=asset.kind, tag=r.tag, old=old_status,
                                             new=r.value, ts=r.ts)))
-        latest = self.latest[asset_id]
-        if any(_changed(latest.get(r.tag), r) for r in readings):
-            latest.update((r.tag, r) for r in readings)
+        if changed:
+            latest.update(zip(map(_TAG, report), report, strict=True))
             topic = self.topics.asset(asset.kind, asset_id, "state")
             states.append((topic, codec.state(asset_id=asset_id, asset_name=asset.name,
                                               kind=asset.kind, ts=self.clock(), latest=latest)))
@@ -247,13 +295,24 @@ class Pipeline:
         self.log.info("command", command=c.name, alarm_id=c.alarm_id, user=c.user, changed=t is not None)
         return ([t] if t else []), self._reply(c, changed=t is not None, alarm=e.view(c.alarm_id))
 
-    def _reply(self, c: cmds.Command, *, error: str | None = None, changed: bool = False,
-               alarm: dict[str, object] | None = None) -> bytes:
+    def _written(self, w: cmds.Write, pending: list[_Pending]) -> bytes:
+        """A write the device has been asked for: its audit record (an events message) and reply."""
+        asset = self.assets[w.asset]
+        pending.append((w.asset, self.topics.asset(asset.kind, w.asset, "events"), EVENT,
+                        partial(codec.write_event, gateway_id=self.gateway_id, asset_id=w.asset,
+                                asset_name=asset.name, kind=asset.kind, tag=w.tag, user=w.user, comment=w.comment,
+                                request_id=w.request_id, old=w.old, new=w.value, error=w.error, ts=w.ts)))
+        if w.error is not None:
+            return self._reply(w, error=w.error)
+        return self._reply(w, changed=w.old != w.value, write=w)
+
+    def _reply(self, c: cmds.Command | cmds.Write, *, error: str | None = None, changed: bool = False,
+               alarm: dict[str, object] | None = None, write: cmds.Write | None = None) -> bytes:
         return cmds.reply(gateway_id=self.gateway_id, command=c.name, request_id=c.request_id, ts=self.clock(),
-                          error=error, changed=changed, alarm=alarm)
+                          error=error, changed=changed, alarm=alarm, write=write)
 
     @staticmethod
-    def _answer(replies: Iterable[tuple[cmds.Command, bytes]]) -> None:
+    def _answer(replies: Iterable[tuple[cmds.Command | cmds.Write, bytes]]) -> None:
         for command, payload in replies:
             if command.reply is not None and not command.reply.done():
                 command.reply.set_result(payload)
@@ -270,27 +329,23 @@ class Pipeline:
             self.metrics.alarms_active.labels(severity).set(n)
 
     def _count(self, asset_id: str, readings: list[Reading]) -> None:
-        counts: dict[Quality, int] = defaultdict(int)
-        for r in readings:
-            counts[r.quality] += 1
-        for quality, n in counts.items():
-            self.metrics.readings.labels(asset_id, quality.value).inc(n)
+        """Readings by quality (counted in C: ``list.count``; the labelled counters are looked up once)."""
+        qualities = list(map(_QUALITY, readings))
+        good = qualities.count(_GOOD)
+        counts = [(_GOOD, good)]
+        if good < len(qualities):
+            bad = qualities.count(Quality.BAD)
+            counts += [(Quality.BAD, bad), (Quality.UNCERTAIN, len(qualities) - good - bad)]
+        for quality, n in counts:
+            if n:
+                counter = self._reading_counters.get((asset_id, quality))
+                if counter is None:
+                    counter = self._reading_counters[(asset_id, quality)] = \
+                        self.metrics.readings.labels(asset_id, quality.value)
+                counter.inc(n)
 
-    def _report(self, r: Reading) -> bool:
-        """Deadband: a tag with one reports only moves beyond it, or a change of quality."""
-        key = (r.asset, r.tag)
-        band = self.deadbands.get(key)
-        last = self.reported.get(key)
-        if band is not None and last is not None and last.quality is r.quality:
-            if isinstance(r.value, (int, float)) and isinstance(last.value, (int, float)) \
-                    and not isinstance(r.value, bool):
-                if abs(r.value - last.value) <= band:
-                    return False
-            elif r.value == last.value:
-                return False
-        self.reported[key] = r
-        return True
+    def _report(self, r: Reading, now: float) -> bool:
+        """Report by exception (gateway/exception.py); a tag without a deadband reports every reading."""
+        band = self.deadbands.get((r.asset, r.tag))
+        return band is None or band.offer(r, now)
 
-
-def _changed(old: Reading | None, new: Reading) -> bool:
-    return old is None or old.value != new.value or old.quality is not new.quality or old.reason != new.reason

@@ -29,13 +29,16 @@ class Sink(Protocol):
 
 class Poller:
     def __init__(self, *, driver: Driver, interval: float, timeout: float, requests: int,
-                 out: Sink, metrics: Metrics, backoff_cap: float = 30.0) -> None:
+                 out: Sink, metrics: Metrics, backoff_cap: float = 30.0, offset: float = 0.0) -> None:
         self.driver = driver
+        self.offset = offset  # seconds before the first connect: devices of one map poll out of step
         self.device = driver.device_id
         self.interval = interval
-        self.connect_timeout = timeout
-        # Safety net around a whole cycle; each request already has its own timeout in the driver.
-        self.read_timeout = timeout * max(requests, 1) + 1.0
+        # Safety nets, looser than the drivers' own limits so that the driver's error (the precise one)
+        # comes first: a connect may take several round trips (an OPC-UA session: up to 3 timeouts),
+        # a cycle one timeout per request (an OPC-UA read: up to 2 timeouts).
+        self.connect_timeout = timeout * 3 + 1.0
+        self.read_timeout = timeout * max(requests, 2) + 1.0
         self.out = out
         self.metrics = metrics
         self.backoff = Backoff(cap=backoff_cap)
@@ -44,6 +47,7 @@ class Poller:
         self.last_error: str | None = None
         self._down_since: float | None = None
         self._failures = 0
+        self._partial: str | None = None  # what the last cycle's answer had wrong (exceptions, NaN)
         self._stopped = False
 
     def stop(self) -> None:
@@ -52,6 +56,8 @@ class Poller:
 
     async def run(self) -> None:
         try:
+            if self.offset > 0:
+                await asyncio.sleep(self.offset)
             while not self._stopped:
                 try:
                     await self._connect()
@@ -67,7 +73,7 @@ class Poller:
             await self.driver.close()
 
     async def _connect(self) -> None:
-        async with asyncio.timeout(self.connect_timeout + 1.0):
+        async with asyncio.timeout(self.connect_timeout):
             await self.driver.connect()
         self.connected = True
         self.metrics.device_connected.labels(self.device).set(1)
@@ -81,8 +87,10 @@ class Poller:
             elapsed = time.monotonic() - started
             self.metrics.polls.labels(self.device).inc()
             self.metrics.poll_latency.labels(self.device).observe(elapsed)
-            for err in getattr(result, "errors", ()):
+            errors = getattr(result, "errors", ())
+            for err in errors:
                 self.metrics.poll_errors.labels(self.device, err.kind).inc()
+            self._answered_with(errors)
             self._recovered()
             await self.out.put(DeviceBatch(self.device, result))
             next_at += self.interval
@@ -108,6 +116,16 @@ class Poller:
         if changed:  # tags go bad once per distinct failure, not once per retry
             await self.out.put(DeviceBatch(self.device, self.driver.bad(f"{kind}: {message}", time.time()),
                                           connected=False))
+
+    def _answered_with(self, errors: Sequence[DriverError]) -> None:
+        """Log errors in an answer (their tags are bad) when they change, not once per cycle."""
+        text = "; ".join(f"{e.kind}: {e.detail}" for e in errors) or None
+        if text != self._partial:
+            if text is not None:
+                self.log.warning("device answered with errors", errors=text)
+            else:  # in subscribe mode a cycle without notifications has none either: no all-clear
+                self.log.debug("device answered without errors")
+            self._partial = text
 
     def _recovered(self) -> None:
         self.backoff.reset()

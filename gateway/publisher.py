@@ -12,16 +12,17 @@ It also subscribes to the gateway's command topic and answers every command on `
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
 import aiomqtt
 
-from . import codec
+from . import codec, mqttsec
 from . import commands as cmds
 from .backoff import Backoff
-from .buffer import Buffer, Row
+from .buffer import Buffer, BufferError, Row
 from .codec import Topics
 from .logs import get
 from .metrics import Metrics
@@ -31,7 +32,7 @@ from .tagmap import MqttConfig
 class Publisher:
     def __init__(self, *, cfg: MqttConfig, gateway_id: str, boot_id: str, version: str,
                  buffer: Buffer, metrics: Metrics, password: str | None = None,
-                 on_command: Callable[[cmds.Command], Awaitable[bytes]] | None = None) -> None:
+                 on_command: Callable[[cmds.Command | cmds.Write], Awaitable[bytes]] | None = None) -> None:
         self.cfg = cfg
         self.gateway_id, self.boot_id, self.version = gateway_id, boot_id, version
         self.buffer = buffer
@@ -65,14 +66,14 @@ class Publisher:
                 async with self._client() as client:
                     self._connected(True)
                     await self._session(client)
-            except* aiomqtt.MqttError as group:
-                self._connected(False, str(group.exceptions[0]))
+            except* (aiomqtt.MqttError, mqttsec.TlsFileError) as group:
+                logged = None if self.connected else self._client_log.error  # why a connect was refused
+                self._connected(False, mqttsec.reason(group.exceptions[0], tls=self.cfg.tls is not None,
+                                                      logged=logged))
             await self._flush_acks()
             if self._stopping.is_set():
                 break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._backoff.next()):
-                    await self._stopping.wait()
+            await self._backoff.pause(self._stopping)
 
     async def stop(self) -> None:
         """Ask the session to publish ``offline`` and disconnect cleanly (the Will is not sent)."""
@@ -84,6 +85,11 @@ class Publisher:
                             boot_id=self.boot_id, ts=time.time())
 
     def _client(self) -> aiomqtt.Client:
+        """A new client for every connection; TLS exactly when ``mqtt.tls`` is set, its context built once."""
+        self._client_log = _SocketErrors()
+        tls = self.cfg.tls
+        if tls is not None and getattr(self, "_tls_context", None) is None:
+            self._tls_context = mqttsec.client_context(tls)  # raises TlsFileError: retried like a refused connect
         client = aiomqtt.Client(
             self.cfg.host, self.cfg.port,
             identifier=self.cfg.client_id or f"edge-gateway-{self.gateway_id}",
@@ -91,6 +97,8 @@ class Publisher:
             will=aiomqtt.Will(self.topics.status, self._status_payload(online=False), qos=1, retain=True),
             clean_session=True, keepalive=int(self.cfg.keepalive), timeout=self.cfg.publish_timeout,
             max_inflight_messages=self.cfg.max_inflight,
+            tls_context=self._tls_context if tls is not None else None,
+            logger=self._client_log.logger,
         )
         client.pending_calls_threshold = self.cfg.max_inflight + 16
         return client
@@ -102,11 +110,12 @@ class Publisher:
         if up:
             self._backoff.reset()
             self.last_error = None
-            self.log.info("broker connected", backlog=self.buffer.rows)
+            self.log.info("broker connected", backlog=self.buffer.rows, tls=self.cfg.tls is not None)
         else:
             self.metrics.reconnects.inc()
-            if was or self.last_error is None:
-                self.log.error("broker connection lost" if was else "broker unreachable", error=error)
+            if was or error != self.last_error:  # each new reason once, not every retry
+                self.log.error("broker connection lost" if was else "broker unreachable", error=error,
+                               backlog=self.buffer.rows)
             self.last_error = error
 
     # -- one connection ----------------------------------------------------------------------
@@ -197,5 +206,27 @@ class Publisher:
     async def _flush_acks(self) -> None:
         if self._acked:
             acked, self._acked = self._acked, []
-            await self.buffer.delete(acked)
+            try:
+                await self.buffer.delete(acked)
+            except (BufferError, sqlite3.Error) as exc:  # a full or broken disk: try again next time
+                self._acked = acked + self._acked
+                self.metrics.buffer_errors.labels("delete").inc()
+                self.log.error("acknowledged rows not deleted yet", rows=len(acked), error=str(exc))
+                return
             self.metrics.buffer_rows.set(self.buffer.rows)
+
+
+class _SocketErrors(logging.Handler):
+    """Keeps the last socket error the MQTT client logged for one connection (a TLS alert after the
+    handshake is only logged), and passes every record on to the client's usual logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.error: BaseException | None = None
+        self.logger = logging.Logger("mqtt.connection")  # not registered: one per connection, then freed
+        self.logger.parent = logging.getLogger("mqtt")
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        self.error = next((a for a in args if isinstance(a, BaseException)), self.error)

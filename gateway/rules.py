@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .fields import Duration, Frozen, Identifier, TagName
 from .model import Quality, Reading
@@ -93,6 +93,8 @@ def _tolerance(data: object) -> object:
 class Rule(Frozen):
     """One rule of an asset (the tag map's ``rules:`` list)."""
 
+    model_config = ConfigDict(allow_inf_nan=False)  # a limit of .nan or .inf would never fire
+
     id: Identifier | None = Field(default=None, description="default: {tag}_{kind}; alarm id {asset}/{id}")
     tag: TagName
     kind: Annotated[Literal["high", "high_high", "low", "low_low", "target", "rate", "stale", "bad_quality",
@@ -150,10 +152,14 @@ class Rule(Frozen):
             raise ValueError(f"deadband {self.deadband} must be below the tolerance {self.tolerance}")
         if self.direction != "both" and k != "rate":
             raise ValueError("direction applies to rate rules")
-        for template in (self.message, self.clear_message):
-            if template is not None:
-                check_template(template)
         return self
+
+    @field_validator("message", "clear_message")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value)
+        return value
 
     @property
     def rule_id(self) -> str:
@@ -167,13 +173,20 @@ class Rule(Frozen):
 
 def check_template(template: str) -> None:
     try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ValueError(f"message template: {exc}") from None
+    fields = {name for _, name, _, _ in parsed if name is not None}
     unknown = fields - PLACEHOLDERS
     if unknown:
         raise ValueError(f"message template: unknown placeholder(s) {sorted(unknown)}; "
                          f"known: {', '.join(sorted(PLACEHOLDERS))}")
+    if any("{" in (spec or "") for _, _, spec, _ in parsed):
+        raise ValueError("message template: no placeholders inside a format spec")
+    try:  # placeholders are filled with text: a conversion or format spec text does not take fails here
+        template.format(**dict.fromkeys(PLACEHOLDERS, ""))
+    except ValueError as exc:
+        raise ValueError(f"message template: {exc}") from None
 
 
 # -- the engine ------------------------------------------------------------------------------------
@@ -244,21 +257,44 @@ class _Alarm:
     value: object = None
     limit: float | None = None
     target: float | None = None
-    deviation: float | None = None
+    _deviation: float | None = None  # see ``deviation``
     rate: float | None = None
     reason: str | None = None
     history: deque[tuple[float, float]] = field(default_factory=deque)  # rate: (ts, value) in the window
+    index: int = 0  # in Engine._order
+    st: _TagState | None = None  # the state of ``rule.tag`` (made with the engine)
+    side: int = 0  # limit kinds: 1 high, high_high; -1 low, low_low; 0 any other kind
+    limit_value: float = 0.0  # limit kinds: float(rule.limit)
+    _deviation_of: tuple[float, float] | None = None  # (delta, base) of a deviation not computed yet
+
+    @property
+    def deviation(self) -> float | None:
+        """Deviation from the limit or target in percent. A limit rule computes it only when it is
+        read (a view, a transition, a snapshot): the rounding costs as much as the rest of a check."""
+        if self._deviation_of is not None:
+            self._deviation, self._deviation_of = _percent(*self._deviation_of), None
+        return self._deviation
+
+    @deviation.setter
+    def deviation(self, value: float | None) -> None:
+        self._deviation, self._deviation_of = value, None
 
     def unit(self) -> str | None:
         return self.asset.units.get(self.rule.tag)
 
 
-@dataclass
+@dataclass(slots=True)
 class _TagState:
     value: object = None
     quality: Quality | None = None
     reason: str | None = None
     good_ts: float | None = None  # last good reading
+    readers: tuple[int, ...] = ()  # alarms whose rule reads the tag (indexes into Engine._order)
+    rates: tuple[_Alarm, ...] = ()  # rate alarms of this tag: they remember its good values
+
+
+_GOOD = Quality.GOOD
+_NONE: dict[str, _TagState] = {}
 
 
 class Engine:
@@ -284,28 +320,67 @@ class Engine:
         self._order = list(self.alarms.values())
         self._readers: dict[tuple[str, str], list[int]] = {}  # (asset, tag) -> alarms whose rule reads it
         for i, alarm in enumerate(self._order):
+            alarm.index = i
             if alarm.rule.kind != "comm_lost":  # follows the device, not values
                 for tag in sorted(alarm.rule.inputs):
                     self._readers.setdefault((alarm.asset.id, tag), []).append(i)
+        # What keeps the per-value and per-commit work small (update, device, tick, counts): only
+        # tags some rule reads have a state (nothing else looks at the others), made here; each knows
+        # the alarms that read it, each device the states of its tags. ``tick`` and ``next_deadline``
+        # visit only the alarms that can have a timer running (``_watch``: an on/off delay pending or
+        # shelved, kept by _evaluate, _move and restore; ``_stale``: stale rules), and the counts of
+        # alarms not normal are kept as states change.
+        self._stale = frozenset(a.index for a in self._order if a.rule.kind == "stale")
+        self._watch: set[int] = set()  # a superset of the alarms with pending_since set or shelved
+        self._not_normal: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
+        self._read: dict[str, dict[str, _TagState]] = {}  # asset -> tag -> state, of the tags rules read
+        for asset_id, tag in self._readers:
+            self._read.setdefault(asset_id, {})[tag] = self._state(asset_id, tag)
+        self._states_of: dict[str, list[_TagState]] = {
+            device: [self._state(asset_id, tag) for asset_id, tag in keys if (asset_id, tag) in self._readers]
+            for device, keys in self._tags_of.items()
+        }
+        for alarm in self._order:
+            rule = alarm.rule
+            if rule.kind != "comm_lost":  # follows the device: no state
+                alarm.st = self._state(alarm.asset.id, rule.tag)
+            if rule.kind in LIMIT_KINDS:
+                alarm.side = 1 if rule.kind.startswith("high") else -1
+                alarm.limit_value = float(rule.limit)  # type: ignore[arg-type]
+
+    def _state(self, asset_id: str, tag: str) -> _TagState:
+        """The state of a tag (made with the engine: the tags its rules read)."""
+        key = (asset_id, tag)
+        st = self.tags.get(key)
+        if st is None:
+            readers = tuple(self._readers.get(key, ()))
+            rates = tuple(a for a in (self._order[i] for i in readers) if a.rule.kind == "rate" and a.rule.tag == tag)
+            st = self.tags[key] = _TagState(readers=readers, rates=rates)
+        return st
 
     # -- inputs ---------------------------------------------------------------------------------
     def update(self, readings: Iterable[Reading], now: float) -> list[Transition]:
         """New readings (of any assets); every rule they touch is evaluated at ``now``."""
         touched: set[int] = set()
         order = self._order
-        for r in readings:
-            key = (r.asset, r.tag)
-            st = self.tags.get(key)
+        read = self._read
+        asset: str | None = None
+        states: dict[str, _TagState] = {}
+        for r in readings:  # per value: keep it lean (readings come grouped by asset)
+            if r.asset != asset:
+                asset = r.asset
+                states = read.get(asset, _NONE)
+            st = states.get(r.tag)
             if st is None:
-                st = self.tags[key] = _TagState()
-            st.value, st.quality, st.reason = r.value, r.quality, r.reason
-            if r.quality is Quality.GOOD:
+                continue  # no rule reads the tag
+            quality = st.quality = r.quality
+            st.value = r.value
+            st.reason = r.reason
+            if quality is _GOOD:
                 st.good_ts = r.ts
-            for i in self._readers.get(key, ()):
-                touched.add(i)
-                alarm = order[i]
-                if alarm.rule.kind == "rate" and alarm.rule.tag == r.tag and r.quality is Quality.GOOD \
-                        and _number(r.value) is not None:
+            touched.update(st.readers)
+            if st.rates and quality is _GOOD and _number(r.value) is not None:
+                for alarm in st.rates:
                     _remember(alarm, r.ts, float(r.value))  # type: ignore[arg-type]
         out: list[Transition] = []
         for i in sorted(touched):  # map order: the same readings always give the same transitions
@@ -319,9 +394,8 @@ class Engine:
         new value: a subscription reports changes only, and a value that does not change is not stale.
         """
         if connected:
-            for asset_id, tag in self._tags_of.get(device_id, ()):
-                st = self.tags.get((asset_id, tag))
-                if st is not None and st.quality is Quality.GOOD:
+            for st in self._states_of.get(device_id, ()):
+                if st.quality is _GOOD:
                     st.good_ts = now
         if connected == (device_id not in self.devices_down):
             return []
@@ -338,17 +412,38 @@ class Engine:
     def tick(self, now: float) -> list[Transition]:
         """Time passed: delays run out, values go stale, shelving expires."""
         out: list[Transition] = []
-        for alarm in self.alarms.values():
+        order = self._order
+        for i in sorted(self._watch | self._stale):  # the alarms in map order, as all of them would be
+            alarm = order[i]
             if alarm.state is State.SHELVED and alarm.shelved_until is not None and now >= alarm.shelved_until:
                 self._return(alarm, now, "shelve_expired", None, None, out)
             if alarm.pending_since is not None or alarm.rule.kind == "stale":
                 self._evaluate(alarm, now, out)
+            if alarm.pending_since is None and alarm.state is not State.SHELVED:
+                self._watch.discard(i)
         return out
+
+    def shift(self, delta: float) -> None:
+        """The wall clock jumped by ``delta`` seconds (NTP stepped it): move every running timer with
+        it, so delays, staleness, rates and shelving keep their real durations. Transition times
+        (``since``) are history and stay as they were."""
+        self.start += delta
+        self.evaluated += delta
+        for a in self.alarms.values():
+            if a.pending_since is not None:
+                a.pending_since += delta
+            if a.shelved_until is not None:
+                a.shelved_until += delta
+            a.history = deque((t + delta, v) for t, v in a.history)
+        for st in self.tags.values():
+            if st.good_ts is not None:
+                st.good_ts += delta
 
     def next_deadline(self) -> float | None:
         """The earliest time at which :meth:`tick` can change something."""
         times: list[float] = []
-        for a in self.alarms.values():
+        for i in self._watch | self._stale:
+            a = self._order[i]
             r = a.rule
             if a.pending_since is not None:
                 times.append(a.pending_since + (r.off_delay if a.active else r.delay))
@@ -385,12 +480,7 @@ class Engine:
 
     def unshelve(self, alarm_id: str, now: float, user: str | None = None,
                  comment: str | None = None) -> Transition | None:
-        alarm = self._get(alarm_id)
-        if alarm.state is not State.SHELVED:
-            return None
-        out: list[Transition] = []
-        self._return(alarm, now, "unshelve", user, comment, out)
-        return out[0] if out else None
+        return self._leave(alarm_id, State.SHELVED, now, "unshelve", user=user, comment=comment)
 
     def out_of_service(self, alarm_id: str, now: float, user: str | None = None,
                        comment: str | None = None) -> Transition | None:
@@ -402,11 +492,16 @@ class Engine:
 
     def in_service(self, alarm_id: str, now: float, user: str | None = None,
                    comment: str | None = None) -> Transition | None:
+        return self._leave(alarm_id, State.OUT_OF_SERVICE, now, "in_service", user=user, comment=comment)
+
+    def _leave(self, alarm_id: str, state: State, now: float, trigger: str, *, user: str | None,
+               comment: str | None) -> Transition | None:
+        """Return an alarm in ``state`` to what its condition says (None: it was not in ``state``)."""
         alarm = self._get(alarm_id)
-        if alarm.state is not State.OUT_OF_SERVICE:
+        if alarm.state is not state:
             return None
         out: list[Transition] = []
-        self._return(alarm, now, "in_service", user, comment, out)
+        self._return(alarm, now, trigger, user, comment, out)
         return out[0] if out else None
 
     # -- views and persistence ----------------------------------------------------------------
@@ -426,11 +521,7 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         """Alarms not normal, by severity."""
-        out: dict[str, int] = dict.fromkeys(SEVERITIES, 0)
-        for a in self.alarms.values():
-            if a.state is not State.NORMAL:
-                out[a.rule.severity] += 1
-        return out
+        return dict(self._not_normal)  # kept by _changed_state
 
     def snapshot(self, alarm_id: str) -> dict[str, object]:
         a = self._get(alarm_id)
@@ -450,6 +541,7 @@ class Engine:
                 return False
         except (KeyError, ValueError, TypeError):
             return False
+        self._changed_state(alarm, state)
         alarm.state, alarm.active, alarm.raw, alarm.since = state, active, active, since
         alarm.shelved_until = float(shelved) if shelved is not None and state is State.SHELVED else None
         alarm.value = saved.get("value")
@@ -482,6 +574,7 @@ class Engine:
             return
         if alarm.pending_since is None:
             alarm.pending_since = now
+            self._watch.add(alarm.index)
         wait = alarm.rule.delay if alarm.raw else alarm.rule.off_delay
         if now - alarm.pending_since >= wait:
             alarm.pending_since = None
@@ -490,12 +583,11 @@ class Engine:
     def _condition(self, alarm: _Alarm, now: float) -> bool | object | None:
         """The raw condition at ``now``, with hysteresis; None when it cannot be evaluated."""
         rule, asset = alarm.rule, alarm.asset
-        if rule.when is not None:
-            for tag, allowed in rule.when.items():
-                st = self.tags.get((asset.id, tag))
-                if st is None or st.quality is not Quality.GOOD or st.value not in allowed:
-                    return _SUPPRESSED
-        st = self.tags.get((asset.id, rule.tag))
+        if rule.when is not None and not self._applies(alarm):
+            return _SUPPRESSED
+        if alarm.side:  # a limit (the most common kind, checked per value)
+            return _limit(alarm)
+        st = alarm.st
         kind = rule.kind
         if kind == "comm_lost":
             alarm.value = None
@@ -547,6 +639,14 @@ class Engine:
             return signed > (limit - rule.deadband if alarm.active else limit)
         raise AssertionError(kind)
 
+    def _applies(self, alarm: _Alarm) -> bool:
+        """Every tag of the rule's ``when`` has a good value among its allowed ones."""
+        for tag, allowed in (alarm.rule.when or {}).items():
+            st = self.tags.get((alarm.asset.id, tag))
+            if st is None or st.quality is not Quality.GOOD or st.value not in allowed:
+                return False
+        return True
+
     def _target(self, alarm: _Alarm) -> float | None:
         if alarm.rule.target is not None:
             return alarm.rule.target
@@ -576,6 +676,7 @@ class Engine:
 
     def _move(self, alarm: _Alarm, new: State, now: float, trigger: str, user: str | None = None,
               comment: str | None = None) -> Transition:
+        self._changed_state(alarm, new)
         previous, alarm.state, alarm.since = alarm.state, new, now
         rule = alarm.rule
         return Transition(
@@ -585,6 +686,13 @@ class Engine:
             deviation_percentage=alarm.deviation, message=self._message(alarm), trigger=trigger, ts=now,
             user=user, comment=comment, shelved_until=alarm.shelved_until,
         )
+
+    def _changed_state(self, alarm: _Alarm, new: State) -> None:
+        """Bookkeeping before ``alarm.state`` becomes ``new``: the counts, and a shelved alarm's timer."""
+        normal = State.NORMAL
+        self._not_normal[alarm.rule.severity] += (new is not normal) - (alarm.state is not normal)
+        if new is State.SHELVED:
+            self._watch.add(alarm.index)
 
     def _message(self, alarm: _Alarm) -> str:
         rule = alarm.rule
@@ -604,6 +712,23 @@ class Engine:
 
 
 _SUPPRESSED = object()
+
+
+def _limit(alarm: _Alarm) -> bool | None:
+    """``Engine._condition`` of a limit rule, without its dispatch: it runs for every value of the tag."""
+    st = alarm.st
+    if st is None or st.quality is not _GOOD:
+        return None
+    raw = st.value
+    value = (raw if raw - raw == 0.0 else None) if type(raw) is float else _number(raw)
+    if value is None:
+        return None
+    alarm.value = raw
+    limit = alarm.limit = alarm.limit_value
+    alarm._deviation_of = (value - limit, limit)  # alarm.deviation, when read
+    if alarm.side > 0:
+        return value > (limit - alarm.rule.deadband if alarm.active else limit)
+    return value < (limit + alarm.rule.deadband if alarm.active else limit)
 
 
 def _number(value: object) -> float | None:

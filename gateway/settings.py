@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http_address: str = "127.0.0.1:9108"  # /metrics and /healthz; "off" disables
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "asyncio"  # uvloop: the optional [speed] extra
 
     def default_buffer_path(self) -> Path:
         """systemd's StateDirectory= when set, else ./var next to where the gateway runs."""

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
+    ByteSize,
+    ConfigDict,
     Discriminator,
     Field,
     ValidationError,
@@ -26,11 +29,24 @@ from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTER
 
 from .derived import Calendar, Derived, DerivedSpec
 from .fields import ID_PATTERN, Duration, Frozen, Identifier, TagName, duration
+from .mqttsec import TlsFileError, client_context
 from .rules import LIMIT_KINDS, Rule
 from .yamlsource import Document, Loc, Problem, SourceError, format_path, load, parse
 
 Interval = Annotated[float, BeforeValidator(duration), Field(ge=0.01, le=86400)]
+Silence = Annotated[float, BeforeValidator(duration), Field(ge=1, le=86400)]
+SILENCE = ("report by exception: send a value at least this often, even unchanged (1s..24h); "
+           "a tag without a deadband then reports when it changes")
 TopicPart = Annotated[str, Field(pattern=r"^[^#+\s]+(/[^#+\s/]+)*$")]
+
+
+def _file_name(path: Path) -> Path:
+    if "\x00" in str(path):  # the OS refuses it when the file is opened, at load or later at run time
+        raise ValueError("a file name cannot contain a NUL character")
+    return path
+
+
+FileName = Annotated[Path, AfterValidator(_file_name)]
 
 
 class GatewayConfig(Frozen):
@@ -56,13 +72,55 @@ class GatewayConfig(Frozen):
         return Calendar(tz=self.timezone, shifts=tuple(self.shifts))
 
 
+def _tls_version(value: object) -> object:
+    """``min_version: 1.2`` is a number in YAML."""
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+class MqttTls(Frozen):
+    """TLS to the broker: used exactly when this section is present, never a fallback to plain TCP.
+    The broker's certificate chain and host name are always verified."""
+
+    ca_file: FileName | None = Field(
+        default=None, description="PEM CA certificate(s) the broker's certificate must chain to; "
+                                  "default: the system's trust store",
+    )
+    cert_file: FileName | None = Field(default=None, description="PEM client certificate, for brokers that require one")
+    key_file: FileName | None = Field(default=None,
+                                      description="its private key (PEM, unencrypted); default: in cert_file")
+    server_name: str | None = Field(
+        default=None, min_length=1,
+        description="name the broker's certificate must carry, when mqtt.host is an address it does not list",
+    )
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTls:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+
+SparkplugId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^+/#\s]+$")]
+
+
+class SparkplugConfig(Frozen):
+    """Sparkplug B output (``mqtt.format: sparkplug | both``): the gateway is one edge node."""
+
+    group_id: SparkplugId = Field(description="Sparkplug group id, e.g. plant-1")
+    edge_node_id: SparkplugId | None = Field(default=None, description="default: gateway.id")
+    primary_host_id: SparkplugId | None = Field(
+        default=None, description="host application whose STATE gates publishing; absent: publish whenever connected",
+    )
+
+
 class MqttConfig(Frozen):
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: int = Field(default=1883, ge=1, le=65535, description="default 1883, 8883 with tls")
     topic_prefix: TopicPart = Field(description="ISA-95 style path, e.g. ninu/plant-1")
     client_id: str | None = Field(default=None, description="defaults to edge-gateway-{gateway.id}")
     username: str | None = None
-    password_file: Path | None = Field(
+    password_file: FileName | None = Field(
         default=None,
         description="file holding the broker password; EDGE_GATEWAY_MQTT_PASSWORD overrides it",
     )
@@ -70,12 +128,35 @@ class MqttConfig(Frozen):
     max_inflight: int = Field(default=64, ge=1, le=1000, description="QoS 1 messages awaiting PUBACK")
     reconnect_max: Duration = Field(default=30.0, ge=0.1, le=300, description="backoff cap")
     publish_timeout: Duration = Field(default=10.0, ge=0.5, le=300)
+    tls: MqttTls | None = Field(default=None, description="TLS to the broker; absent: plain TCP")
+    format: Literal["json", "sparkplug", "both"] = Field(
+        default="json", description="json: the topics of the README; sparkplug: Sparkplug B (spBv1.0); both",
+    )
+    sparkplug: SparkplugConfig | None = Field(default=None, description="needed with format sparkplug or both")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("tls") is not None and "port" not in data:
+            return {**data, "port": 8883}
+        return data
+
+    @model_validator(mode="after")
+    def _sparkplug_section(self) -> MqttConfig:
+        if self.format != "json" and self.sparkplug is None:
+            raise ValueError(f"format {self.format} needs a sparkplug section (at least group_id)")
+        return self
 
 
 class BufferConfig(Frozen):
-    path: Path | None = Field(
+    path: FileName | None = Field(
         default=None,
         description="SQLite file; default $STATE_DIRECTORY/buffer.sqlite or ./var/buffer.sqlite",
+    )
+    max_size: ByteSize | None = Field(
+        default=ByteSize(1 << 30), ge=256 * 1024,
+        description="cap of the database file, e.g. 1GiB or 500MB; when full, the oldest telemetry goes first, "
+                    "alerts last; null: only the disk limits it",
     )
 
 
@@ -92,6 +173,7 @@ class ModbusTcpDevice(Frozen):
     max_bits: int = Field(default=MAX_READ_BITS, ge=1, le=MAX_READ_BITS)
     byte_order: Order = Order.BIG
     word_order: Order = Order.BIG
+    max_silence: Silence | None = Field(default=None, description="default of the device's tags: " + SILENCE)
 
 
     def describe(self) -> str:
@@ -103,9 +185,9 @@ class OpcUaSecurity(Frozen):
 
     mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     policy: Literal["Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = "Basic256Sha256"
-    certificate: Path | None = Field(default=None, description="client certificate (DER or PEM)")
-    private_key: Path | None = Field(default=None, description="client private key (PEM)")
-    server_certificate: Path | None = Field(default=None, description="trusted server certificate")
+    certificate: FileName | None = Field(default=None, description="client certificate (DER or PEM)")
+    private_key: FileName | None = Field(default=None, description="client private key (PEM)")
+    server_certificate: FileName | None = Field(default=None, description="trusted server certificate")
     application_uri: str | None = Field(
         default=None, description="must equal the URI in the client certificate's subjectAltName"
     )
@@ -129,12 +211,15 @@ class OpcUaDevice(Frozen):
     )
     queue_size: int = Field(default=10, ge=1, le=10000)
     deadband_type: Literal["none", "absolute", "percent"] = Field(
-        default="none", description="server-side deadband of monitored items, from each tag's deadband"
+        default="none", description="server-side deadband of monitored items: absolute from each tag's deadband, "
+                                    "percent (of the node's EURange) from each tag's deadband_percent"
     )
     max_nodes_per_read: int | None = Field(default=None, ge=1, description="default: the server's limit")
     recheck: Duration = Field(default=5.0, ge=0.5, le=3600, description="re-resolve missing nodes this often")
+    max_silence: Silence | None = Field(default=None, description="default of the device's tags (mode poll only): "
+                                                                  + SILENCE)
     username: str | None = None
-    password_file: Path | None = None
+    password_file: FileName | None = None
     security: OpcUaSecurity = OpcUaSecurity()
 
     def describe(self) -> str:
@@ -144,20 +229,58 @@ class OpcUaDevice(Frozen):
 Device = Annotated[ModbusTcpDevice | OpcUaDevice, Field(discriminator="protocol")]
 
 
+def _absolute(value: object) -> object:
+    """``deadband: 2%`` (the rules' spelling) is not a tag's: say which field it is."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        raise ValueError(f"{value.strip()!r}: a percent of the tag's range is deadband_percent: "
+                         f"{value.strip()[:-1].strip()} (with min and max)")
+    return value
+
+
 class TagBase(Frozen):
+    model_config = ConfigDict(allow_inf_nan=False)  # scale, offset, deadband, min, max: finite numbers
+
     device: Identifier
     scale: float = 1.0
     offset: float = 0.0
     enum: dict[int, str] | None = None
     unit: str | None = None
-    deadband: float | None = Field(default=None, ge=0, description="report by exception")
+    deadband: Annotated[float, BeforeValidator(_absolute)] | None = Field(
+        default=None, ge=0, description="report by exception: send the value when it moves more than this "
+                                        "(in the tag's unit) from the last value sent; 0: on any change",
+    )
+    deadband_percent: float | None = Field(
+        default=None, ge=0, le=100, description="report by exception: deadband as a percent of the range max - min",
+    )
+    max_silence: Silence | None = Field(default=None, description=SILENCE + "; default: the asset's, the device's")
     writable: bool = False
     min: float | None = None
     max: float | None = None
 
-    def _check_range(self) -> None:
+    def _check_range(self, numeric: bool) -> None:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is above max {self.max}")
+        if self.writable and numeric and self.enum is None and (self.min is None or self.max is None):
+            raise ValueError("a writable number needs min and max: the range operators may set")
+
+    def _check_report(self, kind: str | None) -> None:
+        """Deadbands: one of absolute or percent; percent of a range; only numbers move by an amount.
+        ``kind``: None for a number, else what the tag holds (a bool, a string, an enum)."""
+        if self.deadband is not None and self.deadband_percent is not None:
+            raise ValueError("deadband and deadband_percent: give one (deadband in the tag's unit, "
+                             "deadband_percent of its range max - min)")
+        if kind is not None:
+            if self.deadband_percent is not None:
+                raise ValueError(f"deadband_percent applies to numbers; {kind} is sent when it changes "
+                                 "(deadband: 0, or max_silence)")
+            if self.deadband:
+                raise ValueError(f"deadband {self.deadband:g} on {kind}: it is sent when it changes, "
+                                 "use deadband: 0 (or max_silence)")
+        if self.deadband_percent is not None:
+            if self.min is None or self.max is None:
+                raise ValueError("deadband_percent is a percent of the tag's range: it needs min and max")
+            if self.min == self.max:
+                raise ValueError(f"deadband_percent needs max above min (both {self.min:g})")
 
 
 class ModbusTag(TagBase):
@@ -194,8 +317,17 @@ class ModbusTag(TagBase):
             raise ValueError(f"scale/offset do not apply to {self.type}")
         if self.enum is not None and not self.type.is_integer:
             raise ValueError("enum applies to integer types")
-        self._check_range()
+        if self.writable and self.table not in (Table.HOLDING, Table.COIL):
+            raise ValueError(f"{self.table} is read-only in Modbus: writable tags are holding or coil")
+        self._check_range(self.type.is_integer or self.type.is_float)
+        self._check_report(self._holds())
         return self
+
+    def _holds(self) -> str | None:
+        """None for a number, else what the tag holds."""
+        if self.enum is not None:
+            return "an enum"
+        return None if self.type.is_integer or self.type.is_float else f"a {self.type}"
 
     @property
     def registers(self) -> int:
@@ -216,8 +348,17 @@ class OpcUaTag(TagBase):
 
     @model_validator(mode="after")
     def _check(self) -> OpcUaTag:
-        self._check_range()
+        if self.writable and self.type is None:
+            raise ValueError("a writable OPC-UA tag needs type (bool, int, float or string)")
+        self._check_range(self.type in ("int", "float"))
+        self._check_report(self._holds())
         return self
+
+    def _holds(self) -> str | None:
+        """None for a number (or a node of any type), else what the tag holds."""
+        if self.enum is not None:
+            return "an enum"
+        return None if self.type in (None, "int", "float") else f"a {self.type}"
 
 
 def _tag_kind(data: object) -> str:
@@ -235,6 +376,8 @@ class Asset(Frozen):
     kind: Literal["reactor", "station"]
     name: str = ""
     device: Identifier | None = Field(default=None, description="default device of the asset's tags")
+    max_silence: Silence | None = Field(default=None, description="default of the asset's tags and derived "
+                                                                  "values: " + SILENCE)
     tags: dict[TagName, Tag] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list, description="limits checked at the edge, see gateway/rules.py")
     derived: dict[TagName, DerivedSpec] = Field(default_factory=dict, description="values computed at the edge")
@@ -251,10 +394,21 @@ class Asset(Frozen):
         return data
 
 
+class CommandsConfig(Frozen):
+    """Operator commands over MQTT: all off unless turned on here (gateway/commands.py)."""
+
+    alarms: bool = Field(default=False, description="acknowledge, shelve, unshelve, out_of_service, in_service")
+    writes: bool = Field(default=False, description="write: set a tag marked writable, within its min/max")
+    users: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, description="who may send commands (the payload's user); absent: anyone the broker lets in",
+    )
+
+
 class TagMap(Frozen):
     gateway: GatewayConfig
     mqtt: MqttConfig
     buffer: BufferConfig = BufferConfig()
+    commands: CommandsConfig = CommandsConfig()
     devices: list[Device] = Field(min_length=1)
     assets: list[Asset] = Field(min_length=1)
 
@@ -301,15 +455,32 @@ def _validate(doc: Document) -> TagMap:
     return tag_map
 
 
-_UNION_TAGS = {"modbus", "opcua", "modbus_tcp"}
+_UNION_TAGS = {  # the section holding a union -> the tags pydantic puts in an error's loc
+    "tags": {"modbus", "opcua"},
+    "devices": {"modbus_tcp", "opcua"},
+    "derived": {"counter_rate", "efficiency", "daily_count", "status_time", "availability"},
+}
+
+
+def _union_member(raw: Loc, i: int) -> bool:
+    """Whether ``raw[i]`` names a union member (a discriminator value, or a type of a ``when`` value)."""
+    if i >= 2 and raw[i] in _UNION_TAGS.get(str(raw[i - 2]), ()):
+        return True
+    return i >= 3 and raw[i - 3] == "when" and isinstance(raw[i - 1], int)
 
 
 def _loc(err: ErrorDetails) -> Loc:
-    """The error's location in the document: without the unions' discriminator values."""
+    """The error's location in the document: without the unions' members; a bad or missing discriminator
+    is located at its own key (``protocol``, ``kind``)."""
     raw = tuple(err["loc"])
-    loc = tuple(e for i, e in enumerate(raw)
-                if not (e in _UNION_TAGS and i >= 2 and raw[i - 2] in ("tags", "devices")))
-    return (*loc, "protocol") if err["type"] == "union_tag_invalid" else loc
+    loc = tuple(e for i, e in enumerate(raw) if not _union_member(raw, i))
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return (*loc, _discriminator(err))
+    return loc
+
+
+def _discriminator(err: ErrorDetails) -> str:
+    return str((err.get("ctx") or {}).get("discriminator", "'protocol'")).strip("'")
 
 
 def _message(err: ErrorDetails) -> str:
@@ -318,11 +489,11 @@ def _message(err: ErrorDetails) -> str:
         if loc and loc[-1] == "password":
             return "unknown key: secrets stay out of the tag map (EDGE_GATEWAY_MQTT_PASSWORD or password_file)"
         return "unknown key"
-    if kind == "missing":
+    if kind in ("missing", "union_tag_not_found"):
         return "required"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx") or {}
-        return f"unknown protocol {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+        return f"unknown {_discriminator(err)} {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
     if kind == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == ID_PATTERN:
         return f"{err['input']!r} is not an id: lowercase letters, digits, - and _, at most 63"
     msg = str(err["msg"]).removeprefix("Value error, ")
@@ -340,7 +511,9 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
     """Checks that need the whole map; each names the field it concerns."""
     issues: list[tuple[Loc, str]] = []
     issues += _duplicates(tm)
+    issues += _check_mqtt_files(tm.mqtt)
     devices = {d.id: d for d in tm.devices}
+    issues += _check_opcua_report(tm, devices)
     writable: dict[tuple[str, int, Table], list[tuple[int, int, Loc]]] = {}
     for ai, asset in enumerate(tm.assets):
         for name, tag in asset.tags.items():
@@ -368,6 +541,55 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
         for (s1, e1, loc1), (s2, _e2, loc2) in zip(spans, spans[1:], strict=False):
             if s2 < e1:
                 issues.append(((*loc2, "address"), f"writable addresses overlap {format_path(loc1)} ({s1}..{e1 - 1})"))
+    return issues
+
+
+_SUBSCRIBED = ("device {device!r} subscribes: the server sends changes only, so an unchanged value cannot be "
+               "sent again; max_silence needs mode: poll (a stale rule notices a value that stopped)")
+
+
+def _check_opcua_report(tm: TagMap, devices: dict[str, Device]) -> list[tuple[Loc, str]]:
+    """What OPC-UA devices can do: a subscription sends changes only, so max_silence (of a device, an asset
+    or a tag) cannot reach its tags; a server-side percent deadband comes from deadband_percent."""
+    issues: list[tuple[Loc, str]] = []
+    for di, device in enumerate(tm.devices):
+        if isinstance(device, OpcUaDevice) and device.mode == "subscribe" and device.max_silence is not None:
+            issues.append((("devices", di, "max_silence"), _SUBSCRIBED.format(device=device.id)))
+    for ai, asset in enumerate(tm.assets):
+        inherit: set[str] = set()  # subscribed devices whose tags would take the asset's max_silence
+        for name, tag in asset.tags.items():
+            server = devices.get(tag.device)
+            if not isinstance(server, OpcUaDevice) or not isinstance(tag, OpcUaTag):
+                continue  # a tag on a device of another protocol is reported once, by cross_check
+            loc: Loc = ("assets", ai, "tags", name)
+            if server.mode == "subscribe":
+                if tag.max_silence is not None:
+                    issues.append(((*loc, "max_silence"), _SUBSCRIBED.format(device=server.id)))
+                else:
+                    inherit.add(server.id)
+            if server.deadband_type == "percent" and tag.deadband is not None:
+                issues.append(((*loc, "deadband"), f"device {server.id!r} has deadband_type percent (of the "
+                                                   "node's EURange): give deadband_percent, with min and max as "
+                                                   "the EURange"))
+        if asset.max_silence is not None:
+            issues += [(("assets", ai, "max_silence"), _SUBSCRIBED.format(device=d)) for d in sorted(inherit)]
+    return issues
+
+
+def _check_mqtt_files(mqtt: MqttConfig) -> list[tuple[Loc, str]]:
+    """The broker's files are read now, so that a missing or wrong file stops the start, not the first connect."""
+    issues: list[tuple[Loc, str]] = []
+    if mqtt.password_file is not None:
+        try:
+            mqtt.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            issues.append((("mqtt", "password_file"),
+                           f"{mqtt.password_file}: cannot read it: {getattr(exc, 'strerror', None) or exc}"))
+    if mqtt.tls is not None:
+        try:
+            client_context(mqtt.tls)
+        except TlsFileError as exc:
+            issues.append((("mqtt", "tls", exc.field), str(exc)))
     return issues
 
 

@@ -8,6 +8,7 @@ plant time faster than the wall clock. Nodes are ``ns=<idx>;s=Reactor<X>.<Variab
 namespace ``NAMESPACE``.
 
 Faults the tests drive: temperature excursion, pressure spike, pH drift, a sensor with Bad status,
+a value that is NaN or infinite with Good status,
 a server restart (optionally with shifted namespace indexes), a PLC program download (a reactor's
 nodes vanish and come back).
 """
@@ -23,8 +24,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from asyncua import Server, ua
+from asyncua.common.callback import CallbackType
 
 NAMESPACE = "urn:ninu:plant-1:reactors"
 STEP = 0.1
@@ -58,6 +61,13 @@ VARIABLES: dict[str, ua.VariantType] = {
     "MaintenanceHours": ua.VariantType.Double,
 }
 
+# Nodes an HMI (or the gateway) may write; the others are not writable (BadNotWritable). A written
+# value becomes the model's state: the temperature setpoint holds until the recipe's next step, a
+# status jumps the batch cycle to that step (maintenance holds until another status is written).
+# A value the program does not accept is dropped: the node shows the model's value again at once.
+WRITABLE = frozenset({"Status", "TemperatureSetpoint", "PhTarget", "DensityTarget", "RecipeId", "MaintenanceHours"})
+AMBIENT = 25.0  # degC the jacket holds during maintenance
+
 
 @dataclass
 class ReactorFaults:
@@ -65,10 +75,12 @@ class ReactorFaults:
     pressure_offset: float = 0.0  # spike, bar
     ph_offset: float = 0.0  # drift beyond the recipe's tolerance
     bad: set[str] = field(default_factory=set)  # variables reported with BadSensorFailure
+    values: dict[str, object] = field(default_factory=dict)  # variable -> value published instead, status Good (NaN)
 
     def clear(self) -> None:
         self.temperature_offset = self.pressure_offset = self.ph_offset = 0.0
         self.bad.clear()
+        self.values.clear()
 
 
 @dataclass
@@ -85,6 +97,8 @@ class ReactorModel:
     batch: int = 0
     maintenance_hours: float = 0.0
     faults: ReactorFaults = field(default_factory=ReactorFaults)
+    setpoint_override: float | None = None  # written temperature setpoint, until the next cycle step
+    maintenance: bool = False  # written status maintenance: the cycle stands still
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -99,30 +113,64 @@ class ReactorModel:
 
     @property
     def status(self) -> str:
-        return CYCLE[self.step_index][0]
+        return "maintenance" if self.maintenance else CYCLE[self.step_index][0]
+
+    @property
+    def setpoint(self) -> float:
+        if self.setpoint_override is not None:
+            return self.setpoint_override
+        return AMBIENT if self.maintenance else CYCLE[self.step_index][2]
 
     def step(self) -> None:
         self.steps += 1
-        self.step_left -= STEP
-        if self.step_left <= 0:
-            self.step_index = (self.step_index + 1) % len(CYCLE)
-            self.step_left = CYCLE[self.step_index][1]
-            if self.step_index == 1:
-                self.batch += 1
-        _, _, setpoint, _ = CYCLE[self.step_index]
+        if not self.maintenance:
+            self.step_left -= STEP
+            if self.step_left <= 0:
+                self.step_index = (self.step_index + 1) % len(CYCLE)
+                self.step_left = CYCLE[self.step_index][1]
+                self.setpoint_override = None  # the recipe's next step brings its own setpoint
+                if self.step_index == 1:
+                    self.batch += 1
+        setpoint = self.setpoint
         self.temperature += (setpoint - self.temperature) * STEP / 20.0 + self.rng.gauss(0, 0.02)
         self.ph += (self.ph_target - self.ph) * STEP * 0.02 + self.rng.gauss(0, 0.002)
         self.density = self.density_target + self.rng.gauss(0, 0.002)
         self.maintenance_hours += STEP / 3600
 
+    def command(self, name: str, value: object) -> bool:
+        """Take a value a client wrote to the WRITABLE node ``name``; False: the program drops it."""
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        if name == "Status" and isinstance(value, int) and value in STATUS.values():
+            status = next(s for s, code in STATUS.items() if code == value)
+            self.maintenance = status == "maintenance"
+            self.setpoint_override = None
+            if not self.maintenance:
+                self.step_index = next(i for i, c in enumerate(CYCLE) if c[0] == status)
+                self.step_left = CYCLE[self.step_index][1]
+        elif name == "TemperatureSetpoint" and 0.0 <= number <= 150.0:  # NaN fails every comparison
+            self.setpoint_override = number
+        elif name == "PhTarget" and 0.0 <= number <= 14.0:
+            self.ph_target = number
+        elif name == "DensityTarget" and 0.0 < number < math.inf:
+            self.density_target = number
+        elif name == "RecipeId" and isinstance(value, str) and value:
+            self.recipe = value
+        elif name == "MaintenanceHours" and 0.0 <= number < math.inf:
+            self.maintenance_hours = number
+        else:
+            return False
+        return True
+
     def values(self) -> dict[str, object]:
-        step, _, setpoint, speed = CYCLE[self.step_index]
+        _, _, _, speed = CYCLE[self.step_index]
+        if self.maintenance:
+            speed = 0.0
         t = self.temperature + self.faults.temperature_offset
         wobble = math.sin(self.steps / 50)
         return {
-            "Status": STATUS[step],
+            "Status": STATUS[self.status],
             "Temperature": round(t, 3),
-            "TemperatureSetpoint": setpoint,
+            "TemperatureSetpoint": self.setpoint,
             "Pressure": round(1.013 + 0.015 * max(t - 20, 0) + 0.005 * wobble + self.faults.pressure_offset, 4),
             "MixingSpeed": speed + (2.0 * wobble if speed else 0.0),
             "PhLevel": round(self.ph + self.faults.ph_offset, 3),
@@ -132,7 +180,7 @@ class ReactorModel:
             "BatchId": f"B-{self.letter}-{self.batch:05d}",
             "RecipeId": self.recipe,
             "MaintenanceHours": round(self.maintenance_hours, 3),
-        }
+        } | self.faults.values
 
 
 class ReactorServer:
@@ -156,6 +204,8 @@ class ReactorServer:
         self._present: set[str] = set()  # reactors whose nodes exist
         self._snapshot: dict[str, dict[str, object]] = {}
         self.extra_namespaces = 0
+        self.writes: list[tuple[str, str, object, bool]] = []  # client writes: reactor, node, value, taken
+        self._publishing = asyncio.Lock()  # a client write is applied between two publishes, never inside one
 
     @property
     def endpoint(self) -> str:
@@ -180,6 +230,7 @@ class ReactorServer:
             await server.register_namespace(f"urn:ninu:plant-1:other-{i}")
         self.ns = await server.register_namespace(self.namespace)
         self.server = server
+        server.subscribe_server_callback(CallbackType.PostWrite, self._on_write)
         for letter in self.models:
             await self._create(letter)
         await server.start()
@@ -234,7 +285,10 @@ class ReactorServer:
         obj = await objects.add_object(ua.NodeId(f"Reactor{letter}", self.ns), f"Reactor{letter}")
         values = self.models[letter].values()
         for name, vtype in VARIABLES.items():
-            await obj.add_variable(ua.NodeId(f"Reactor{letter}.{name}", self.ns), name, values[name], varianttype=vtype)
+            var = await obj.add_variable(ua.NodeId(f"Reactor{letter}.{name}", self.ns), name, values[name],
+                                         varianttype=vtype)
+            if name in WRITABLE:
+                await var.set_writable()
         self._present.add(letter)
         await self._publish(letter)
 
@@ -247,6 +301,29 @@ class ReactorServer:
                     for _ in range(min(due - model.steps, 100_000)):
                         model.step()
                 if letter in self._present:
+                    async with self._publishing:
+                        await self._publish(letter)
+
+    async def _on_write(self, event: Any, _dispatcher: Any) -> None:
+        """After a client's Write (before its answer): written WRITABLE values become the model's
+        state, and every reactor written to is published again, so the node shows what the program
+        made of the value (a dropped value reverts at once)."""
+        touched: set[str] = set()
+        for item, status in zip(event.request_params.NodesToWrite, event.response_params, strict=False):
+            node = item.NodeId
+            if item.AttributeId != ua.AttributeIds.Value or node.NamespaceIndex != self.ns:
+                continue
+            reactor, _, name = str(node.Identifier).partition(".")
+            letter = reactor.removeprefix("Reactor")
+            if letter not in self.models or letter not in self._present:
+                continue
+            touched.add(letter)
+            if status.is_good() and name in WRITABLE:
+                value = item.Value.Value.Value if item.Value is not None and item.Value.Value is not None else None
+                self.writes.append((letter, name, value, self.models[letter].command(name, value)))
+        for letter in sorted(touched):
+            async with self._publishing:
+                if self.server is not None and letter in self._present:
                     await self._publish(letter)
 
     async def _publish(self, letter: str) -> None:

@@ -90,6 +90,14 @@ LAYOUT: tuple[Field, ...] = (
 )
 REGISTERS = 64  # registers per table the PLC answers for (0..63); beyond: exception 2
 BITS = 32
+# Fields an HMI (or the gateway) may write: the PLC program takes them as its own state. Every other
+# field is an output of the program, which re-asserts it before answering the next request (a write
+# to it is accepted on the wire and does not stay). Registers and bits outside LAYOUT are plain memory.
+WRITABLE = frozenset({"status", "target_units_per_hour", "speed_setpoint", "conveyor_enabled", "product_code",
+                      "batch_number"})
+SPEED_LIMITS = (0.0, 120.0)  # % of nominal: the program clamps a speed setpoint into this range
+_WRITE_FC = {5: Table.COIL, 15: Table.COIL, 6: Table.HOLDING, 16: Table.HOLDING, 22: Table.HOLDING,
+             23: Table.HOLDING}
 
 
 @dataclass
@@ -100,9 +108,11 @@ class Faults:
     exception: int | None = None  # answer with this Modbus exception code
     hang: bool = False  # accept requests and never answer
     mangle: Callable[[bytes], bytes] | None = None  # rewrite each reply frame (MBAP + PDU) on the wire
+    values: dict[str, object] = field(default_factory=dict)  # LAYOUT field -> value the PLC holds instead
 
     def clear(self) -> None:
         self.delay, self.exception, self.hang, self.mangle = 0.0, None, False, None
+        self.values = {}
 
 
 @dataclass
@@ -122,12 +132,16 @@ class StationModel:
     steps: int = 0
     hold: int = 0  # steps left in a pause or error
     fill: float = 500.0
+    manual: bool = False  # status set by a write: held until the next status write
+    speed: float = 100.0  # speed setpoint, % of nominal
+    conveyor: bool | None = None  # written conveyor command; None: the conveyor runs with the line
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.units = float(self.units_start)
         self.target = NOMINAL_RATE[self.kind]
         self.batch = 240000 + self.rng.randrange(1000)
+        self.product = f"NINU-{self.kind[:3].upper()}-500"
 
     def step(self) -> None:
         self.steps += 1
@@ -135,6 +149,8 @@ class StationModel:
         self.fill = 500.0 + self.rng.gauss(0, 0.8)
         if self.status == "running":
             self.rate = self.target * (0.9 + 0.12 * self.rng.random())
+            if self.speed != 100.0:
+                self.rate *= self.speed / 100.0
             self.units += self.rate * STEP / 3600
             self.runtime += STEP
             self.energy += 1 + int(self.rng.random() * 3)
@@ -144,9 +160,37 @@ class StationModel:
                 self.status, self.hold = "paused", 30
         else:
             self.rate = 0.0
-            self.hold -= 1
-            if self.hold <= 0:
-                self.status = "running"
+            if not self.manual:
+                self.hold -= 1
+                if self.hold <= 0:
+                    self.status = "running"
+
+    def command(self, name: str, value: object) -> None:
+        """Take a value an HMI wrote to the WRITABLE field ``name`` (engineering units).
+
+        Raises ValueError for a value the program does not accept (the PLC answers exception 3).
+        """
+        if name == "status":
+            names = {code: s for s, code in STATUS.items()}
+            if not isinstance(value, int) or value not in names:
+                raise ValueError(f"no status {value!r}")
+            self.status, self.hold = names[value], 0
+            self.manual = self.status != "running"
+            if self.manual:
+                self.rate = 0.0
+        elif name == "target_units_per_hour":
+            self.target = int(value)  # type: ignore[call-overload]
+        elif name == "speed_setpoint":
+            low, high = SPEED_LIMITS
+            self.speed = min(max(round(float(value), 1), low), high)  # type: ignore[arg-type]
+        elif name == "conveyor_enabled":
+            self.conveyor = bool(value)
+        elif name == "product_code":
+            self.product = str(value)
+        elif name == "batch_number":
+            self.batch = int(value)  # type: ignore[call-overload]
+        else:
+            raise ValueError(f"{name} is not writable")
 
     def values(self) -> dict[str, object]:
         """Engineering values of every LAYOUT field (what an operator reads on the HMI)."""
@@ -158,7 +202,7 @@ class StationModel:
             "units_total": int(self.units) % U32,
             "units_per_hour": _f32(self.rate),
             "target_units_per_hour": self.target,
-            "speed_setpoint": 100.0,
+            "speed_setpoint": self.speed,
             "running": running,
             "fault": self.status == "error",
             "door_open": self.status == "maintenance",
@@ -168,11 +212,11 @@ class StationModel:
             "energy_total": self.energy,
             "runtime_total": int(self.runtime),
             "volume_total": int(self.units) * 0.5,
-            "product_code": f"NINU-{self.kind[:3].upper()}-500",
+            "product_code": self.product,
             "batch_number": self.batch,
             "ambient_temperature": round(22 + 2 * math.sin(t / 600), 1),
             "supply_voltage": 230.0 + (self.steps % 7) / 10,
-            "conveyor_enabled": running,
+            "conveyor_enabled": running if self.conveyor is None else self.conveyor,
             "guard_closed": True,
             "estop_ok": True,
         }
@@ -200,7 +244,10 @@ class Station:
         self._server: ModbusTcpServer | None = None
         self._blocks: dict[str, list[int]] = {}
         self._snapshot: dict[str, object] = {}
+        self._overrides: dict[str, object] = {}  # faults.values as last written to the registers
         self.requests = 0
+        self.writes = 0  # write requests the PLC received
+        self._written = False  # a client wrote: the program re-asserts its outputs before the next answer
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -244,6 +291,9 @@ class Station:
         return dict(self._snapshot)
 
     def _advance(self) -> None:
+        if self._written:
+            self._written = False
+            self._write(self.model.values())
         if self.frozen:
             return
         due = int((self._clock() - self._t0) * self._scale / STEP)
@@ -254,6 +304,8 @@ class Station:
             self._write(self.model.values())
 
     def _write(self, values: dict[str, object]) -> None:
+        self._overrides = dict(self.faults.values)
+        values = {**values, **self._overrides}  # e.g. a float register holding NaN (a broken sensor)
         blocks = self._blocks
         for f in LAYOUT:
             value = values[f.name]
@@ -277,6 +329,8 @@ class Station:
 
     async def _on_request(self, _fc: int, _start: int, _address: int, _count: int,
                           _registers: list[int], _values: object) -> ExcCodes | None:
+        if _values is None and _fc in _WRITE_FC:  # pymodbus reads a written register back for its reply
+            return None
         self.requests += 1
         faults = self.faults
         if faults.hang:
@@ -287,6 +341,45 @@ class Station:
         if faults.exception is not None:
             return ExcCodes(faults.exception)
         self._advance()
+        table = _WRITE_FC.get(_fc)
+        if table is not None and _values is not None:
+            refused = self._take_write(table, _address, list(_values))  # type: ignore[call-overload]
+            if refused is not None:
+                return refused
+        if self.faults.values != self._overrides:  # set or cleared since the registers were written
+            self._write(self.model.values())
+        return None
+
+
+    def _take_write(self, table: Table, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
+        """A client writes ``values`` from ``address`` (pymodbus stores them after this returns).
+
+        WRITABLE fields the write covers become the model's state; a value the program does not
+        accept refuses the whole write with exception 3 (illegal data value) and changes nothing.
+        """
+        self.writes += 1
+        end = address + len(values)
+        taken: dict[str, object] = {}
+        if table is Table.COIL:
+            taken = {f.name: bool(values[f.address - address]) for f in LAYOUT
+                     if f.table is Table.COIL and f.name in WRITABLE and address <= f.address < end}
+        else:
+            image = list(self._blocks["h"])
+            image[address:end] = [int(v) for v in values]
+            for f in LAYOUT:
+                covered = f.address < end and address < f.address + f.fmt.count
+                if f.table is not Table.HOLDING or f.name not in WRITABLE or not covered:
+                    continue
+                try:
+                    raw = f.fmt.decode(image[f.address : f.address + f.fmt.count])
+                except (UnicodeDecodeError, ValueError):
+                    return ExcCodes.ILLEGAL_VALUE
+                taken[f.name] = raw * f.scale if f.scale != 1.0 else raw  # type: ignore[operator]
+        if "status" in taken and taken["status"] not in STATUS.values():
+            return ExcCodes.ILLEGAL_VALUE
+        for name, value in taken.items():
+            self.model.command(name, value)
+        self._written = True
         return None
 
 

@@ -8,7 +8,8 @@ import pytest
 from gateway.brokers import Mosquitto
 from gateway.demo import stations_for, with_endpoints
 from gateway.tagmap import TagMap, load_tag_map
-from simulators.stations import Station
+from simulators.reactors import ReactorServer
+from simulators.stations import Kind, Station
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANT = ROOT / "config" / "plant.yaml"
@@ -25,6 +26,17 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+async def station() -> AsyncIterator[Station]:
+    """One filling station PLC (filling-1-plc) on a free port, seed 7."""
+    s = Station("filling-1-plc", Kind.FILLING, seed=7)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
 
 
 @pytest.fixture
@@ -55,3 +67,14 @@ def stations_only(tm: TagMap) -> TagMap:
 def live_map(plant_map: TagMap, mosquitto: Mosquitto, stations: dict[str, Station]) -> TagMap:
     """The plant's stations pointed at the test broker and the simulators."""
     return with_endpoints(stations_only(plant_map), mqtt_port=mosquitto.port, stations=stations)
+
+
+@pytest.fixture
+async def reactors() -> AsyncIterator[ReactorServer]:
+    """The reactor PLC simulator (OPC-UA) on a free port, running at 5x speed."""
+    server = ReactorServer(time_scale=5.0)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

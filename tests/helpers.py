@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiomqtt
 import jsonschema
+from prometheus_client import Counter
 from referencing import Registry, Resource
 
 from gateway.app import Gateway
@@ -66,6 +68,10 @@ class Collector:
     messages: list[Message] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     identifier: str = field(default_factory=lambda: f"collector-{time.monotonic_ns()}")
+    tls_context: ssl.SSLContext | None = None
+    username: str | None = None
+    password: str | None = None
+    last_error: str | None = None
 
     async def run(self) -> None:
         while True:
@@ -73,6 +79,7 @@ class Collector:
                 async with aiomqtt.Client(
                     "127.0.0.1", self.port, identifier=self.identifier,
                     clean_session=not self.persistent, keepalive=5,
+                    tls_context=self.tls_context, username=self.username, password=self.password,
                 ) as client:
                     await client.subscribe(self.topic, qos=1)
                     self.connected.set()
@@ -83,7 +90,8 @@ class Collector:
                         except ValueError:  # not ours to judge (a test may send garbage on purpose)
                             data = {"_raw": msg.payload.decode(errors="replace")}
                         self.messages.append(Message(str(msg.topic), data, bool(msg.retain), time.time()))
-            except aiomqtt.MqttError:
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
                 self.connected.clear()
                 await asyncio.sleep(0.1)
 
@@ -92,12 +100,16 @@ class Collector:
 
 
 @contextlib.asynccontextmanager
-async def collecting(port: int, topic: str, *, persistent: bool = False) -> AsyncIterator[Collector]:
-    collector = Collector(port, topic, persistent)
+async def collecting(port: int, topic: str, *, persistent: bool = False, tls_context: ssl.SSLContext | None = None,
+                     username: str | None = None, password: str | None = None) -> AsyncIterator[Collector]:
+    collector = Collector(port, topic, persistent, tls_context=tls_context, username=username, password=password)
     task = asyncio.create_task(collector.run())
     try:
-        async with asyncio.timeout(10):
-            await collector.connected.wait()
+        try:
+            async with asyncio.timeout(10):
+                await collector.connected.wait()
+        except TimeoutError:
+            raise TimeoutError(f"the collector did not connect in 10 s: {collector.last_error}") from None
         yield collector
     finally:
         task.cancel()
@@ -159,3 +171,28 @@ def plant_file(tmp_path: Path, *, mqtt_port: int, stations: dict[str, Any], reac
     path = tmp_path / "plant.yaml"
     path.write_text(text)
     return path
+
+
+def total(counter: Counter, **labels: str | tuple[str, ...]) -> float:
+    """Sum of a counter's samples whose labels match (a tuple: any of its values)."""
+    def match(have: dict[str, str]) -> bool:
+        return all(have.get(k) in (v if isinstance(v, tuple) else (v,)) for k, v in labels.items())
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total") and match(s.labels))
+
+
+def check_delivery(messages: list[Message], first: int, last: int) -> tuple[int, int]:
+    """Every seq in first..last arrived, first occurrences in order per asset; (unique, duplicates)
+    within first..last. ``messages``: those that carry a seq."""
+    seqs = [int(m.data["seq"]) for m in messages]  # type: ignore[call-overload]
+    got = {s for s in seqs if first <= s <= last}
+    missing = sorted(set(range(first, last + 1)) - got)
+    assert not missing, f"{len(missing)} seqs never arrived, e.g. {missing[:10]}"
+    seen: set[int] = set()
+    by_asset: dict[str, list[int]] = {}
+    for m, s in zip(messages, seqs, strict=True):
+        if s not in seen:
+            seen.add(s)
+            by_asset.setdefault(str(m.data["asset_id"]), []).append(s)
+    for asset, order in by_asset.items():
+        assert order == sorted(order), f"{asset}: first deliveries out of seq order"
+    return len(got), sum(1 for s in seqs if first <= s <= last) - len(got)

@@ -46,7 +46,7 @@ def reading(asset: str, tag: str, value: object, ts: float, quality: Quality = Q
 
 def pipeline(tm: TagMap, buf: Buffer, clock: Clock, committed: list[list[tuple[str, bytes]]]) -> Pipeline:
     return Pipeline(tag_map=tm, buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32, metrics=Metrics(),
-                    on_commit=committed.append, clock=clock)
+                    on_commit=committed.append, clock=clock, monotonic=clock)
 
 
 async def rows_by_leaf(buf: Buffer) -> dict[str, list[dict[str, object]]]:
@@ -285,3 +285,60 @@ async def test_broker_outage_during_an_excursion_loses_no_transition(
     assert got[0]["seq"] < got[1]["seq"]  # type: ignore[operator]
     high = [a["state"] for a in alerts(sub, "reactor-c/pressure_high")]
     assert high == ["active_unacked", "cleared_unacked"], "the high alarm of the same excursion too"
+
+
+async def test_wall_clock_steps_keep_alarm_timers_and_seq_order(plant_map: TagMap, tmp_path: Path) -> None:
+    """NTP steps the edge PC's clock: a 5 s delay still takes 5 s, a fresh value does not go stale,
+    a 1 h shelve lasts an hour, and rows stay ordered by seq whatever their timestamps say."""
+    wall, mono = Clock(), Clock()
+    mono.now = 1000.0
+    committed: list[list[tuple[str, bytes]]] = []
+
+    def elapse(real: float, step: float = 0.0) -> None:
+        mono.now += real
+        wall.now += real + step
+
+    async with Buffer(tmp_path / "b.sqlite") as buf:
+        pipe = Pipeline(tag_map=plant_map, buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32, metrics=Metrics(),
+                        on_commit=committed.append, clock=wall, monotonic=mono)
+        await pipe.restore()
+
+        async def feed(temperature: float) -> None:
+            await pipe.commit([DeviceBatch("reactors-plc", [reading("reactor-a", "status", "heating", wall.now),
+                                                            reading("reactor-a", "temperature", temperature,
+                                                                    wall.now)])])
+
+        async def states() -> list[tuple[str, str]]:
+            return [(a["alarm_id"], a["state"]) for a in (await rows_by_leaf(buf)).get("alerts", [])]
+
+        await feed(90.0)  # above the high limit: its 5 s on-delay starts
+        elapse(2.0, step=-3600.0)  # the clock is stepped back an hour
+        await feed(90.0)
+        elapse(2.9)
+        await feed(90.0)
+        assert await states() == [], "4.9 s of real time: the delay has not run out"
+        elapse(0.1)
+        await feed(90.0)
+        assert await states() == [("reactor-a/temperature_high", "active_unacked")], "5 s of real time"
+
+        elapse(10.0, step=+7200.0)  # stepped forward two hours: the value read 10 s ago is not stale
+        await pipe.commit([])
+        elapse(10.0)
+        await feed(80.0)
+        assert "reactor-a/temperature_stale" in pipe.engine.alarms
+        assert ("reactor-a/temperature_stale", "active_unacked") not in await states()
+
+        await pipe.commit([cmds.parse("shelve", b'{"alarm_id": "reactor-a/temperature_high", "duration": "1h"}')])
+        assert (await states())[-1] == ("reactor-a/temperature_high", "shelved")
+        elapse(60.0, step=+3000.0)  # 50 min of wall time jumps, one minute passes
+        await pipe.commit([])
+        high = "reactor-a/temperature_high"
+        assert [s for a, s in await states() if a == high][-1] == "shelved", "the shelve lasts its real hour"
+        elapse(3540.0)
+        await pipe.commit([])
+        assert [s for a, s in await states() if a == high][-1] != "shelved", "and ends after it"
+
+        rows = await buf.fetch(0, 10_000)
+        assert [r.seq for r in rows] == list(range(1, len(rows) + 1)), "seq orders the rows, not their timestamps"
+        stamps = [orjson.loads(r.payload)["readings"][0]["ts"] for r in rows if r.topic.endswith("/telemetry")]
+        assert stamps[1] < stamps[0], "the stepped-back clock shows in the timestamps, not in the order"

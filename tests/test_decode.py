@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.modbus.codec import RegisterFormat
 from drivers.modbus.decode import CompiledRead, TagSpec, compile_reads, register_format
@@ -273,3 +275,90 @@ def test_compiled_slots_follow_the_plan() -> None:
     assert [(s.tag, s.offset) for s in reads[0].slots] == [("early", 0), ("mid", 2)]
     assert [(s.tag, s.offset) for s in reads[1].slots] == [("late", 0)]
     assert reads[0].request.points == (("press1/early", 0), ("press1/mid", 2))
+
+
+# -- the block decoder (one struct per read) against the slot-by-slot reference -----------------------
+
+def _key(r: Reading) -> tuple[object, ...]:
+    """A reading with its value's type: 1 and 1.0 are not the same decode."""
+    return (*r, type(r.value))
+
+
+_TYPES = [t for t in DataType if t is not DataType.BOOL]
+
+
+@st.composite
+def _layouts(draw: st.DrawFn) -> tuple[list[TagSpec], Limits]:
+    n = draw(st.integers(1, 12))
+    tags = []
+    for i in range(n):
+        table = draw(st.sampled_from([H, I]))
+        address = draw(st.integers(0, 40))
+        if draw(st.integers(0, 5)) == 0:
+            fmt_type, count, bit = DataType.BOOL, None, draw(st.integers(0, 15))
+        else:
+            fmt_type = draw(st.sampled_from(_TYPES))
+            count = draw(st.integers(1, 4)) if fmt_type is DataType.STRING else None
+            bit = None
+        numeric = fmt_type not in (DataType.BOOL, DataType.STRING)
+        transform = Transform()
+        if numeric:
+            kind = draw(st.sampled_from(["plain", "scaled", "enum"]))
+            if kind == "scaled":
+                transform = Transform(scale=draw(st.sampled_from([0.1, 2.0, -0.5, 1.0])),
+                                      offset=draw(st.sampled_from([0.0, -10.0, 3.25])))
+            elif kind == "enum":
+                transform = Transform(enum={0: "idle", 1: "running", 7: "seven"})
+        tags.append(spec(f"t{i}", address, fmt_type, table=table, count=count, transform=transform,
+                         byte_order=draw(st.sampled_from([Order.BIG, Order.LITTLE])),
+                         word_order=draw(st.sampled_from([Order.BIG, Order.LITTLE])), bit=bit))
+    return tags, Limits(max_gap=draw(st.integers(0, 10)))
+
+
+_WORDS = st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0, 1, 7, 0x7FC0, 0x7F80, 0xFF80, 0xFFFF, 0x4142, 0xC328]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(layout=_layouts(), data=st.data())
+def test_block_decode_equals_slot_decode(layout: tuple[list[TagSpec], Limits], data: st.DataObject) -> None:
+    tags, limits = layout
+    for read in compile_reads(tags, limits):
+        count = read.request.count
+        n = data.draw(st.sampled_from([count, count, count, max(0, count - 1), count + 1]), label="reply length")
+        registers = data.draw(st.lists(_WORDS, min_size=n, max_size=n), label="registers")
+        got = read.decode_registers(registers, TS)
+        want = read.decode_slots(registers, TS)
+        assert [_key(r) for r in got] == [_key(r) for r in want]
+
+
+def test_block_decode_table() -> None:
+    """A realistic map: scaled int16, float32 (one NaN), a swapped uint32, a string, bits, an enum, a hole."""
+    tags = [
+        spec("status", 0, DataType.UINT16, transform=Transform(enum={0: "idle", 1: "running"})),
+        spec("temp", 1, DataType.INT16, transform=Transform(scale=0.1)),
+        spec("flow", 2, DataType.FLOAT32),
+        spec("bad_flow", 4, DataType.FLOAT32, transform=Transform(scale=2.0)),
+        spec("count", 6, DataType.UINT32, word_order=Order.LITTLE),
+        spec("door", 8, DataType.BOOL, bit=0),
+        spec("estop", 8, DataType.BOOL, bit=15),
+        spec("name", 9, DataType.STRING, count=2),
+        spec("level", 13, DataType.INT16, transform=Transform(scale=0.5, offset=-10)),
+    ]
+    read = only(compile_reads(tags, Limits(max_gap=2)))
+    assert read.block is not None
+    assert [s.tag for s in read.slots if any(i == read.slots.index(s) for i, _, _ in read.block.slow)] == [
+        "count", "door", "estop", "name"]
+    registers = [1, 0xFFF6, 0x3F80, 0, 0x7FC0, 0, 0x5678, 0x1234, 0x8001, 0x4142, 0x4300, 0, 0, 40]
+    got = by_tag(read.decode_registers(registers, TS))
+    assert [_key(r) for r in read.decode_registers(registers, TS)] == [
+        _key(r) for r in read.decode_slots(registers, TS)]
+    assert (got["status"].value, got["status"].quality) == ("running", Quality.GOOD)
+    assert got["temp"].value == pytest.approx(-1.0)
+    assert got["flow"].value == 1.0 and type(got["flow"].value) is float
+    assert (got["bad_flow"].value, got["bad_flow"].quality, got["bad_flow"].reason) == (
+        None, Quality.BAD, "not a finite number (nan)")
+    assert got["count"].value == 0x12345678
+    assert (got["door"].value, got["estop"].value) == (True, True)
+    assert got["name"].value == "ABC"
+    assert got["level"].value == pytest.approx(10.0)
+    assert all(r.ts == TS and r.source_ts is None for r in got.values())

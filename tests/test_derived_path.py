@@ -44,7 +44,7 @@ async def test_derived_values_in_telemetry_and_state_and_across_a_restart(plant_
 
     def make(buf: Buffer) -> Pipeline:
         return Pipeline(tag_map=plant_map, buffer=buf, queue=asyncio.Queue(), boot_id="0" * 32, metrics=Metrics(),
-                        on_commit=committed.append, clock=clock)
+                        on_commit=committed.append, clock=clock, monotonic=clock)
 
     async def cycle(pipe: Pipeline, i: int, errors: int) -> None:
         clock.now = T0 + i

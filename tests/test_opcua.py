@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,6 @@ def reactors_only(tm: TagMap, **device: object) -> TagMap:
     dev = next(d for d in tm.devices if isinstance(d, OpcUaDevice)).model_copy(update=device)
     assets = [a for a in tm.assets if a.kind == "reactor"]
     return tm.model_copy(update={"devices": [dev], "assets": assets})
-
-
-@pytest.fixture
-async def reactors() -> AsyncIterator[ReactorServer]:
-    server = ReactorServer(time_scale=5.0)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 def _driver(plant_map: TagMap, reactors: ReactorServer, **device: object) -> OpcUaDriver:
@@ -329,11 +318,12 @@ async def test_slow_server_times_out_and_recovers(reactors: ReactorServer) -> No
     await proxy.start()
     endpoint = f"opc.tcp://127.0.0.1:{proxy.port}/reactors"
     tags = [OpcTagSpec("reactor-a", "temperature", f"nsu={NAMESPACE};s=ReactorA.Temperature", expected="float")]
-    driver = OpcUaDriver(device_id=DEVICE, endpoint=endpoint, mode="poll", interval=0.1, timeout=0.5, tags=tags)
+    # a timeout with room for a loaded machine's connect; a delay far beyond it
+    driver = OpcUaDriver(device_id=DEVICE, endpoint=endpoint, mode="poll", interval=0.1, timeout=1.0, tags=tags)
     try:
         await driver.connect()
         assert (await driver.read())[0].quality is Quality.GOOD
-        proxy.delay = 1.5
+        proxy.delay = 3.0
         with pytest.raises(DeviceTimeout, match="no answer"):
             await driver.read()
         proxy.delay = 0.0

@@ -24,6 +24,12 @@ CASES = {
     "overlapping_writable.yaml": [
         (10, "assets[0].tags.recipe_number.address", "writable addresses overlap assets[0].tags.speed_setpoint"),
     ],
+    "bad_writable.yaml": [
+        (3, "commands.writes", "Input should be a valid boolean"),
+        (11, "assets[0].tags.speed_setpoint", "a writable number needs min and max"),
+        (12, "assets[0].tags.units_total", "input is read-only in Modbus"),
+        (13, "assets[0].tags.temperature_sp", "a writable OPC-UA tag needs type"),
+    ],
     "bad_interval.yaml": [
         (4, "devices[0].interval", "'fast' is not a duration"),
         (5, "devices[1].interval", "greater than or equal to 0.01"),
@@ -48,6 +54,24 @@ CASES = {
     "bad_rule_fields.yaml": [
         (14, "assets[0].rules[0].delay", "'soon' is not a duration"),
         (15, "assets[0].rules[1]", "a target rule needs target (a number) or target_tag"),
+    ],
+    "bad_report_fields.yaml": [
+        (4, "devices[0].max_silence", "greater than or equal to 1"),
+        (9, "assets[0].max_silence", "'2d' is not a duration"),
+        (11, "assets[0].tags.both", "deadband and deadband_percent: give one"),
+        (12, "assets[0].tags.no_range", "deadband_percent is a percent of the tag's range: it needs min and max"),
+        (13, "assets[0].tags.flat_range", "deadband_percent needs max above min"),
+        (14, "assets[0].tags.running", "deadband_percent applies to numbers; a bool is sent when it changes"),
+        (15, "assets[0].tags.status", "deadband 1 on an enum: it is sent when it changes, use deadband: 0"),
+        (17, "assets[0].tags.rules_habit.deadband", "'2%': a percent of the tag's range is deadband_percent: 2"),
+        (18, "assets[0].tags.quiet.max_silence", "'soon' is not a duration"),
+        (19, "assets[0].tags.too_wide.deadband_percent", "less than or equal to 100"),
+    ],
+    "bad_report_devices.yaml": [
+        (4, "devices[0].max_silence", "max_silence needs mode: poll"),
+        (13, "assets[0].tags.temperature.max_silence", "device 'ua-1' subscribes: the server sends changes only"),
+        (15, "assets[0].tags.pressure.deadband", "device 'ua-2' has deadband_type percent"),
+        (11, "assets[0].max_silence", "device 'ua-1' subscribes"),
     ],
     "bad_rules.yaml": [
         (14, "assets[0].rules[0].tag", "no tag 'temperatur' in asset 'reactor-a'"),

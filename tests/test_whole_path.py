@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from gateway.brokers import Mosquitto
 from gateway.tagmap import TagMap
 from simulators.stations import Station
 
-from .helpers import collecting, running, tune, validate, wait_until
+from .helpers import check_delivery, collecting, running, total, tune, validate, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +68,8 @@ async def test_values_equal_simulator_for_every_type_and_order(
 async def test_broker_outage_loses_nothing_and_keeps_order(
     live_map: TagMap, mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    """Mosquitto stops for 10 s while the gateway polls at 10 Hz; afterwards every seq arrives."""
+    """Mosquitto stops for 4 s while the gateway polls at 10 Hz; afterwards every seq arrives (the long
+    outage, a broker restart mid-drain and a full buffer are in test_delivery.py)."""
     tm = tune(live_map, interval=0.1, reconnect_max=1.0)
     prefix = tm.mqtt.topic_prefix
     async with collecting(mosquitto.port, f"{prefix}/+/+/telemetry", persistent=True) as sub, \
@@ -78,29 +80,18 @@ async def test_broker_outage_loses_nothing_and_keeps_order(
         outage_started = asyncio.get_running_loop().time()
         await wait_until(lambda: not gw.publisher.connected, 10, "the gateway to notice the outage")
         backlog_start = gw.publisher.buffer.rows
-        await asyncio.sleep(10 - (asyncio.get_running_loop().time() - outage_started))
+        await asyncio.sleep(4 - (asyncio.get_running_loop().time() - outage_started))
         backlog = gw.publisher.buffer.rows
-        assert backlog - backlog_start >= 5 * 10 * 8, f"readings buffered during the outage: {backlog}"
+        assert backlog - backlog_start >= 5 * 10 * 3, f"readings buffered during the outage: {backlog}"
         last_seq = gw.publisher.buffer.next_seq - 1
         mosquitto.start()
         await wait_until(lambda: any(m.data["seq"] >= last_seq for m in sub.messages), 30, "the backlog to drain")
         await wait_until(lambda: gw.publisher.buffer.rows < 20, 10, "the buffer to empty")
-        drops = sum(s.value for m in gw.metrics.drops.collect() for s in m.samples if s.name.endswith("_total"))
-        assert drops == 0, "nothing may be dropped while the buffer has room"
+        assert total(gw.metrics.drops) == 0, "nothing may be dropped while the buffer has room"
     seqs = [int(m.data["seq"]) for m in sub.messages]  # type: ignore[call-overload]
     unique = sorted(set(seqs))
-    assert unique == list(range(unique[0], unique[-1] + 1)), "no gap in seq"
-    dupes = len(seqs) - len(unique)
+    _, dupes = check_delivery(sub.messages, unique[0], unique[-1])  # no gap in seq, in order per asset
     assert dupes <= tm.mqtt.max_inflight, f"{dupes} duplicates: more than at-least-once redelivery"
-    by_asset: dict[str, list[int]] = {}
-    seen: set[int] = set()
-    for m in sub.messages:
-        seq = int(m.data["seq"])  # type: ignore[call-overload]
-        if seq not in seen:
-            seen.add(seq)
-            by_asset.setdefault(str(m.data["asset_id"]), []).append(seq)
-    for asset, order in by_asset.items():
-        assert order == sorted(order), f"{asset}: out of order"
     assert len(unique) >= backlog, "everything buffered during the outage arrived"
     print(f"outage: {backlog} messages buffered, {len(unique)} seqs received "
           f"({unique[0]}..{unique[-1]}), {dupes} duplicates")
@@ -111,24 +102,31 @@ async def test_hanging_station_does_not_slow_the_others(
 ) -> None:
     tm = tune(live_map, interval=0.1, timeout=0.3)
     hung = "capping-1-plc"
-    async with running(tm, tmp_path / "b.sqlite") as gw:
-        polls = gw.metrics.polls
+    # Simulators and gateway share this process: a full collection of the heap a long test session
+    # built up would stall every device at once, which says nothing about the hung one.
+    gc.collect()
+    gc.freeze()
+    try:
+        async with running(tm, tmp_path / "b.sqlite") as gw:
+            polls = gw.metrics.polls
 
-        def counts() -> dict[str, float]:
-            return {d.id: polls.labels(d.id)._value.get() for d in tm.devices}
+            def counts() -> dict[str, float]:
+                return {d.id: polls.labels(d.id)._value.get() for d in tm.devices}
 
-        await wait_until(lambda: min(counts().values()) >= 5, 10, "every device polling")
-        before = counts()
-        await asyncio.sleep(2.0)
-        baseline = {k: v - before[k] for k, v in counts().items()}
-        stations[hung].faults.hang = True
-        before = counts()
-        await asyncio.sleep(2.0)
-        during = {k: v - before[k] for k, v in counts().items()}
-        poller = gw.pollers[hung]
-        assert poller.last_error is not None and "no reply" in poller.last_error
-        stations[hung].faults.clear()
-        await wait_until(lambda: gw.pollers[hung].last_error is None, 35, "the hung station to recover")
+            await wait_until(lambda: min(counts().values()) >= 5, 10, "every device polling")
+            before = counts()
+            await asyncio.sleep(2.0)
+            baseline = {k: v - before[k] for k, v in counts().items()}
+            stations[hung].faults.hang = True
+            before = counts()
+            await asyncio.sleep(2.0)
+            during = {k: v - before[k] for k, v in counts().items()}
+            poller = gw.pollers[hung]
+            assert poller.last_error is not None and "no reply" in poller.last_error
+            stations[hung].faults.clear()
+            await wait_until(lambda: gw.pollers[hung].last_error is None, 35, "the hung station to recover")
+    finally:
+        gc.unfreeze()
     print(f"polls in 2 s before the hang: {baseline}; during: {during}")
     assert during[hung] <= 1, "the hung station cannot complete polls"
     for dev, n in during.items():
