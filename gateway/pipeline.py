@@ -65,6 +65,8 @@ class Pipeline:
         self.assets = {a.id: a for a in tag_map.assets}
         # report by exception: (asset, tag) -> its band, max silence and last report; absent: every reading
         self.deadbands: dict[tuple[str, str], Deadband] = deadbands(tag_map)
+        self._banded = {asset for asset, _ in self.deadbands}  # assets where a reading may stay unreported
+        self._with_status = {a.id for a in tag_map.assets if STATUS_TAG in a.tags or STATUS_TAG in a.derived}
         self.latest: dict[str, dict[str, Reading]] = defaultdict(dict)  # last reading per tag
         self.statuses: dict[str, object] = {}  # last good status per asset
         calendar = tag_map.gateway.calendar()
@@ -221,7 +223,7 @@ class Pipeline:
                    now: float) -> None:
         asset = self.assets[asset_id]
         self._count(asset_id, readings)
-        report = [r for r in readings if self._report(r, now)]
+        report = [r for r in readings if self._report(r, now)] if asset_id in self._banded else readings
         if report:
             pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
                             partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id,
@@ -237,7 +239,7 @@ class Pipeline:
             if old is None or old.value != r.value or old.quality is not r.quality or old.reason != r.reason:
                 changed = True
                 break
-        for r in readings:
+        for r in readings if asset_id in self._with_status else ():
             if r.tag == STATUS_TAG and r.quality is _GOOD and r.value != self.statuses.get(asset_id):
                 old_status = self.statuses.get(asset_id)
                 self.statuses[asset_id] = r.value
