@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -14,9 +15,31 @@ from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, outside the kernel's range for outgoing connections where it can: no client
+    connection takes it as its local port before the server meant for it binds it, or binds it again
+    after a restart."""
+    low, high = _ephemeral_range()
+    ports = range(10_000, low) if low > 11_000 else range(high + 1, 65_536) if high < 64_500 else range(0)
+    pick = random.SystemRandom()  # not the seeded module state: parallel test workers pick apart
+    for _ in range(50 if ports else 0):
+        port = pick.choice(ports)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535  # the IANA range, which other systems use
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:

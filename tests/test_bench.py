@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.bench import BenchConfig, bench, table, tag_map_yaml
+from gateway.bench import BenchConfig, Report, bench, notes, table, tag_map_yaml
 from gateway.brokers import find_mosquitto
 from gateway.tagmap import load_tag_map
 from simulators.bench import Layout, ModbusDevice, _ModbusProtocol
@@ -93,6 +93,42 @@ def test_a_large_map_of_identical_plcs_shares_one_register_map(tmp_path: Path) -
     assert sum(len(a.tags) for a in tm.assets) == 20_000
 
 
+HEALTHY = {"gateway_cores": 0.3, "simulator_cores": 0.1, "values_per_s": 10_000, "values_polled_per_s": 10_000,
+           "mqtt_messages_per_value": 0.002, "buffer_rows_growth": 3}
+
+
+@pytest.mark.parametrize(("live", "drained", "expected"), [
+    (HEALTHY, True, []),
+    ({**HEALTHY, "gateway_cores": 0.95}, True, ["the gateway used a full core"]),
+    ({**HEALTHY, "simulator_cores": 1.9}, True, ["the simulator processes were saturated"]),
+    ({**HEALTHY, "values_polled_per_s": 8_900}, True, ["polling fell behind the interval: 8900 of 10000"]),
+    ({**HEALTHY, "values_polled_per_s": 9_100}, True, []),
+    ({**HEALTHY, "buffer_rows_growth": 41}, True, ["publishing fell behind polling: the buffer grew by 41"]),
+    ({**HEALTHY, "buffer_rows_growth": 40}, True, []),  # 2 per device, or a second of messages: in flight
+    (HEALTHY, False, ["the backlog did not drain within 160.0 s"]),
+    ({**HEALTHY, "values_polled_per_s": 1_000, "buffer_rows_growth": 900, "gateway_cores": 1.0}, False,
+     ["the gateway used a full core", "polling fell behind", "publishing fell behind", "did not drain"]),
+])
+def test_bench_notes_say_what_limited_the_run(live: dict[str, object], drained: bool, expected: list[str]) -> None:
+    """20 Modbus devices x 500 tags @ 1 s ask for 10,000 values/s."""
+    cfg = BenchConfig(devices=20, tags=500, interval=1.0, sim_procs=2)
+    report = Report(config={}, machine={}, live=live, drain={"drained": drained, "drain_s": 160.0})
+    got = notes(cfg, report, cores=8)
+    assert len(got) == len(expected), got
+    for note, start in zip(got, expected, strict=True):
+        assert start in note, (start, note)
+    assert notes(cfg, report, cores=2)[-1] == "2 cores shared by gateway, simulators, broker and subscriber"
+
+
+def test_subscribed_opcua_devices_are_not_expected_to_send_every_interval() -> None:
+    cfg = BenchConfig(devices=4, tags=100, opcua=2, interval=0.5, opcua_mode="subscribe")
+    live = {**HEALTHY, "values_polled_per_s": 2 * 100 / 0.5}  # the two Modbus devices only
+    assert notes(cfg, Report(config={}, machine={}, live=live), cores=8) == []
+    cfg = BenchConfig(devices=4, tags=100, opcua=2, interval=0.5, opcua_mode="poll")
+    assert "polling fell behind the interval: 400 of 800" in notes(
+        cfg, Report(config={}, machine={}, live=live), cores=8)[0]
+
+
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 async def test_a_small_bench_run_delivers_every_value_and_drains_its_backlog(tmp_path: Path) -> None:
     cfg = BenchConfig(devices=3, tags=60, opcua=1, interval=0.2, duration=2, warmup=0.5, outage=1.5, sim_procs=2)
@@ -100,7 +136,7 @@ async def test_a_small_bench_run_delivers_every_value_and_drains_its_backlog(tmp
     live, drain = report.live, report.drain
     assert live["values"] > 0 and live["latency_samples"] > 0
     assert live["values_polled_per_s"] > 0
-    assert drain["backlog_values"] > 0 and drain["backlog_rows"] > 0
+    assert drain["backlog_values"] > 0 and drain["backlog_rows"] > 0 and drain["drained"] is True
     assert drain["values_per_s"] is not None and drain["values_per_s"] > 0
     lat = live["latency_ms"]
     assert isinstance(lat, dict) and 0 < lat["p50"] <= lat["p99"] <= lat["max"]
