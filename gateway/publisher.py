@@ -166,12 +166,16 @@ class Publisher:
     async def _publish_states(self, client: aiomqtt.Client) -> None:
         if not self._dirty:
             return
-        dirty, self._dirty = self._dirty, set()
-        for topic in sorted(dirty):
-            payload = self._states.get(topic)
-            if payload is not None:
-                await client.publish(topic, payload, qos=1, retain=True, timeout=self.cfg.publish_timeout)
-                self.metrics.publishes.labels("state").inc()
+        dirty, self._dirty = self._dirty, set()  # a failure ends the session; the next one sends them all
+
+        async def publish(topic: str, payload: bytes) -> None:
+            await client.publish(topic, payload, qos=1, retain=True, timeout=self.cfg.publish_timeout)
+            self.metrics.publishes.labels("state").inc()
+
+        # In flight together: one PUBACK round trip for all, not one per asset (a hundred assets'
+        # states in turn held the backlog up by as many round trips at each pass).
+        await asyncio.gather(*(publish(topic, self._states[topic]) for topic in sorted(dirty)
+                               if topic in self._states))
 
     async def _status(self, client: aiomqtt.Client, *, online: bool) -> None:
         await client.publish(self.topics.status, self._status_payload(online=online), qos=1, retain=True,
