@@ -407,10 +407,8 @@ class Bench:
         await self.wait("the gateway to reconnect", 60,
                         lambda: _metrics(self.metrics_url).get("gateway_mqtt_connected") == 1.0)
         started = self.sample(sub)
-        # Drained: no more rows waiting than half a second of live messages (they are in flight, or
-        # acknowledged and waiting for their delete), and at least two per device.
-        live_rows = float(live["values_per_s"]) * float(live["mqtt_messages_per_value"] or 0)  # type: ignore[arg-type]
-        settled = max(2.0 * self.cfg.devices, 0.5 * live_rows)
+        # Drained: no more rows waiting than are only in passage at the live rate.
+        settled = _in_flight(self.cfg, live, seconds=0.5)
         drained = True
         try:  # an overloaded gateway never drains: report what it managed instead of failing
             await self.wait("the backlog to drain", max(60.0, 20 * self.cfg.outage), lambda: _metrics(
@@ -463,8 +461,7 @@ def notes(cfg: BenchConfig, report: Report, cores: int) -> list[str]:
         out.append(f"polling fell behind the interval: {polled:.0f} of {asked:.0f} values/s polled "
                    "(gateway_device_poll_overruns counts the cycles missed)")
     grew = float(live.get("buffer_rows_growth") or 0)  # type: ignore[arg-type]
-    per_s = float(live.get("values_per_s") or 0) * float(live.get("mqtt_messages_per_value") or 0)  # type: ignore[arg-type]
-    if grew > max(2.0 * cfg.devices, per_s):  # more than a second of messages piled up with the broker up
+    if grew > _in_flight(cfg, live, seconds=1.0):  # more than a second of messages piled up with the broker up
         out.append(f"publishing fell behind polling: the buffer grew by {grew:.0f} messages with the broker up")
     if drain and drain.get("drained") is False:
         out.append(f"the backlog did not drain within {drain.get('drain_s')} s: publishing cannot outrun polling "
@@ -472,6 +469,13 @@ def notes(cfg: BenchConfig, report: Report, cores: int) -> list[str]:
     if cores <= 2:
         out.append(f"{cores} cores shared by gateway, simulators, broker and subscriber")
     return out
+
+
+def _in_flight(cfg: BenchConfig, live: dict[str, object], *, seconds: float) -> float:
+    """Buffer rows that are only in passage at the live rate: ``seconds`` of live messages, and at
+    least two per device (in flight, or acknowledged and waiting for their delete)."""
+    per_s = float(live.get("values_per_s") or 0) * float(live.get("mqtt_messages_per_value") or 0)  # type: ignore[arg-type]
+    return max(2.0 * cfg.devices, seconds * per_s)
 
 
 def _used_bytes(path: Path) -> int:
