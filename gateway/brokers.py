@@ -20,9 +20,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     after a restart."""
     low, high = _ephemeral_range()
     ports = range(10_000, low) if low > 11_000 else range(high + 1, 65_536) if high < 64_500 else range(0)
-    pick = random.SystemRandom()  # not the seeded module state: parallel test workers pick apart
-    for _ in range(50 if ports else 0):
-        port = pick.choice(ports)
+    # SystemRandom, not the seeded module state: parallel test workers pick apart.
+    for port in random.SystemRandom().sample(ports, min(50, len(ports))):
         with socket.socket() as s:
             try:
                 s.bind((host, port))
