@@ -13,14 +13,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from drivers import DriverError
+from drivers import Driver, DriverError
 from drivers.registry import build_driver
 
 from . import __version__
 from . import commands as cmds
 from .buffer import PRIORITY_NAMES, Buffer, Full
 from .health import HealthServer
-from .logs import get
+from .logs import Contained, get
 from .metrics import Metrics
 from .pipeline import Item, Pipeline
 from .poller import Poller
@@ -56,7 +56,7 @@ class _Generation:
                                  metrics=gw.metrics, on_commit=gw.notify, on_devices=gw.devices_changed)
         self.pollers: dict[str, Poller] = {}
         for i, device in enumerate(tm.devices):
-            driver = build_driver(tm, device.id, gw.settings)
+            driver = gw.build_driver(tm, device.id, gw.settings)
             # Spread the devices' cycles over the interval (at most 1 s): a hundred devices read in the
             # same instant would make one burst that every reading of it waits for.
             offset = min(device.interval, STAGGER_MAX) * i / len(tm.devices)
@@ -90,13 +90,15 @@ class _Generation:
 class Gateway:
     def __init__(self, tag_map: TagMap, settings: Settings | None = None, *,
                  buffer_path: Path | None = None, metrics: Metrics | None = None,
-                 reload_map: Callable[[], TagMap] | None = None, notifier: Notifier | None = None) -> None:
+                 reload_map: Callable[[], TagMap] | None = None, notifier: Notifier | None = None,
+                 drivers: Callable[[TagMap, str, Settings], Driver] = build_driver) -> None:
         self.tag_map = tag_map
         self.settings = settings or Settings()
         self.buffer_path = (buffer_path or self.settings.buffer_path or tag_map.buffer.path
                             or self.settings.default_buffer_path())
         self.metrics = metrics or Metrics()
         self.reload_map = reload_map
+        self.build_driver = drivers  # the registry's; tests put a driver of their own in its place
         self.notifier = notifier or Notifier()
         self.boot_id = uuid.uuid4().hex
         self.log = get(gateway=tag_map.gateway.id)
@@ -210,6 +212,9 @@ class Gateway:
             w.error = str(exc)
         except TimeoutError:
             w.error = f"the device did not answer within {WRITE_TIMEOUT:g} s; the value may have been written"
+        except Exception as exc:  # a driver's bug fails this write, not the command listener
+            contained = Contained(self.log, self.metrics.internal_errors.labels(f"write[{device}]").inc)
+            w.error = "internal error " + contained(exc, "tag write failed with an internal error", target=_target(w))
         w.ts = time.time()
         self.metrics.commands.labels("write", "ok" if w.error is None else "failed").inc()
         (self.log.info if w.error is None else self.log.error)(

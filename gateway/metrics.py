@@ -24,6 +24,10 @@ class Metrics:
             "gateway_device_poll_overruns", "Cycles skipped because a poll outlasted its interval",
             ["device"], registry=r,
         )
+        self.internal_errors = Counter(
+            "gateway_internal_errors", "Unexpected exceptions contained in one part of the gateway (a device's "
+            "poller, the pipeline, an output); the traceback is logged once per outage", ["component"], registry=r,
+        )
         self.device_connected = Gauge(
             "gateway_device_connected", "1 while the device connection is up", ["device"], registry=r
         )

@@ -28,7 +28,7 @@ from .buffer import ALERT, EVENT, PRIORITY_NAMES, TELEMETRY, Buffer, BufferError
 from .codec import Topics
 from .derived import Derived
 from .exception import Deadband, deadbands
-from .logs import get
+from .logs import Contained, get
 from .metrics import Metrics
 from .model import Quality, Reading
 from .poller import DeviceBatch
@@ -43,6 +43,17 @@ _Pending = tuple[str, str, int, Callable[..., bytes]]  # asset, topic, priority,
 _GOOD = Quality.GOOD
 _TAG = attrgetter("tag")
 _QUALITY = attrgetter("quality")
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def _plain(r: Reading) -> Reading:
+    """``r``, or a bad reading in its place when its value is of a type no payload can carry."""
+    if type(r.value) in _PLAIN:
+        return r
+    return r._replace(value=None, quality=Quality.BAD,
+                      reason=f"internal: a value of type {type(r.value).__name__} cannot be published")
 
 
 class Pipeline:
@@ -82,6 +93,7 @@ class Pipeline:
         self.log = get(component="pipeline")
         self._restored = False
         self._reading_counters: dict[tuple[str, Quality], Counter] = {}  # metrics.readings' children
+        self._contained = Contained(self.log, metrics.internal_errors.labels("pipeline").inc)
 
     # -- running ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -99,7 +111,11 @@ class Pipeline:
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             done = None in items
-            await self.commit([i for i in items if i is not None], final=done)
+            batch = [i for i in items if i is not None]
+            try:
+                await self.commit(batch, final=done)
+            except Exception as exc:  # one bad input must not stop every device's data
+                await self._contain(batch, exc)
             if done:
                 return
 
@@ -200,6 +216,37 @@ class Pipeline:
         self._answer(replies)
         self.on_commit(states)
         self._devices(devices)
+
+    async def _contain(self, items: list[DeviceBatch | cmds.Command | cmds.Write], exc: Exception) -> None:
+        """``commit`` raised on these items (a bug, or an input nothing foresaw): keep their readings as
+        plain telemetry (no rules, no derived values, every reading), answer their commands with the
+        error, count it, and log the traceback once per kind of error."""
+        what = self._contained(exc, "pipeline failed on a batch; its readings are kept without rules")
+        pending: list[_Pending] = []
+        for item in items:
+            if isinstance(item, DeviceBatch):
+                by_asset: dict[str, list[Reading]] = defaultdict(list)
+                for r in item.readings:
+                    by_asset[r.asset].append(_plain(r))
+                for asset_id, readings in by_asset.items():
+                    asset = self.assets.get(asset_id)
+                    if asset is not None:
+                        pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
+                                        partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id,
+                                                asset_id=asset_id, readings=readings)))
+            else:
+                self._answer([(item, self._reply(item, error=f"internal error: {what}"))])
+        seq = self.buffer.next_seq
+        rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio)
+                for i, (asset, topic, prio, make) in enumerate(pending)]
+        try:
+            await self.buffer.append(rows)
+        except Exception as again:
+            for row in rows:
+                self.metrics.drops.labels("internal", PRIORITY_NAMES[row.priority]).inc()
+            self.log.error("readings of a failed batch dropped", rows=len(rows), error=str(again))
+            return
+        self.on_commit([])
 
     def _devices(self, devices: dict[str, bool]) -> None:
         """Device connectivity, once what the devices' batches caused is committed (Sparkplug DDEATH)."""

@@ -11,7 +11,7 @@ from typing import Protocol
 from drivers import Driver, DriverError
 
 from .backoff import Backoff
-from .logs import get
+from .logs import Contained, get
 from .metrics import Metrics
 from .model import Reading
 
@@ -49,6 +49,8 @@ class Poller:
         self._failures = 0
         self._partial: str | None = None  # what the last cycle's answer had wrong (exceptions, NaN)
         self._stopped = False
+        # exceptions no driver should raise: counted, the traceback logged once per outage
+        self._contained = Contained(self.log, metrics.internal_errors.labels(f"poller[{self.device}]").inc)
 
     def stop(self) -> None:
         """Leave the loop at the next step, even if a cancellation got lost on the way."""
@@ -66,11 +68,21 @@ class Poller:
                     await self._failed(exc.kind, str(exc))
                 except TimeoutError:
                     await self._failed("timeout", f"{self.device}: no answer within the device timeout")
-                await self.driver.close()
+                except Exception as exc:  # a library's bug is this device's failure, not the process's
+                    text = self._contained(exc, "device failed with an internal error")
+                    await self._failed("internal", f"{self.device}: internal error {text}")
+                await self._close()
                 await asyncio.sleep(self.backoff.next())
         finally:
             self.metrics.device_connected.labels(self.device).set(0)
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close the driver; whatever its library raises on the way is logged, never raised."""
+        try:
             await self.driver.close()
+        except Exception as exc:
+            self._contained(exc, "device close failed")
 
     async def _connect(self) -> None:
         async with asyncio.timeout(self.connect_timeout):
@@ -114,8 +126,12 @@ class Poller:
         else:
             self.log.debug("device still failing", kind=kind, error=message, failures=self._failures)
         if changed:  # tags go bad once per distinct failure, not once per retry
-            await self.out.put(DeviceBatch(self.device, self.driver.bad(f"{kind}: {message}", time.time()),
-                                          connected=False))
+            try:
+                bad = self.driver.bad(f"{kind}: {message}", time.time())
+            except Exception as exc:  # the outage is still reported (as the device's loss)
+                self._contained(exc, "device failed with an internal error")
+                bad = []
+            await self.out.put(DeviceBatch(self.device, bad, connected=False))
 
     def _answered_with(self, errors: Sequence[DriverError]) -> None:
         """Log errors in an answer (their tags are bad) when they change, not once per cycle."""
@@ -133,3 +149,5 @@ class Poller:
             self.log.warning("device recovered", failures=self._failures,
                              outage_s=round(time.monotonic() - self._down_since, 3))
             self._down_since, self._failures, self.last_error = None, 0, None
+            self._contained.reset()
+

@@ -24,7 +24,7 @@ from . import commands as cmds
 from .backoff import Backoff
 from .buffer import Buffer, BufferError, Row
 from .codec import Topics
-from .logs import get
+from .logs import Contained, get
 from .metrics import Metrics
 from .tagmap import MqttConfig
 
@@ -43,6 +43,7 @@ class Publisher:
         self.connected = False
         self.last_error: str | None = None
         self.log = get(component="publisher", broker=f"{cfg.host}:{cfg.port}")
+        self._contained = Contained(self.log, metrics.internal_errors.labels("publisher").inc)
         self._wake = asyncio.Event()
         self._dirty: set[str] = set()  # state topics to (re)publish
         self._states: dict[str, bytes] = {}
@@ -70,6 +71,9 @@ class Publisher:
                 logged = None if self.connected else self._client_log.error  # why a connect was refused
                 self._connected(False, mqttsec.reason(group.exceptions[0], tls=self.cfg.tls is not None,
                                                       logged=logged))
+            except* Exception as group:  # a bug in a session must not end the gateway: a new session
+                why = self._contained(group.exceptions[0], "publisher failed")
+                self._connected(False, f"internal error {why}")
             await self._flush_acks()
             if self._stopping.is_set():
                 break

@@ -171,7 +171,7 @@ def _one_register_short(frame: bytes) -> bytes:
 
 @pytest.mark.parametrize(("mangle", "message"), [
     (_wrong_function, "function code 4 to a request with 3"),
-    (_one_register_short, "35 values in reply to unit 1 holding 0+36"),
+    (_one_register_short, "byte count 70 instead of 72 (for 36 registers) in reply to unit 1 holding 0+36"),
 ])
 async def test_reply_that_does_not_match_the_request_is_rejected(
     plant_map: TagMap, station: Station, mangle: object, message: str

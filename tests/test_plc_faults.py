@@ -389,8 +389,8 @@ def _shorter_than_its_header(frame: bytes) -> bytes:
 
 @pytest.mark.parametrize(("mangle", "reason"), [
     (_fc3_as_fc4, "function code 4 to a request with 3"),
-    (_one_register_short, "35 values in reply to unit 1 holding 0+36"),
-    (_byte_count_beyond_data, "an undecodable frame (function code 3, 81 bytes) in reply to unit 1 holding 0+36"),
+    (_one_register_short, "byte count 70 instead of 72 (for 36 registers) in reply to unit 1 holding 0+36"),
+    (_byte_count_beyond_data, "byte count 74 in a frame that holds 72 data bytes in reply to unit 1 holding 0+36"),
     (_other_transaction, re.compile(r"transaction id (\d+) instead of \d+ in reply to unit 1 coil 0\+1")),
     (_other_unit, "unit 2 instead of 1 in reply to unit 1 coil 0+1"),
     (_shorter_than_its_header, "77 of the 81 bytes its header announces in reply to unit 1 holding 0+36"),

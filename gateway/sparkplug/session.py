@@ -56,7 +56,7 @@ from .. import mqttsec
 from ..backoff import Backoff
 from ..buffer import Buffer, BufferError, Row
 from ..codec import Topics
-from ..logs import get
+from ..logs import Contained, get
 from ..metrics import Metrics
 from ..model import Quality, Reading
 from ..tagmap import TagMap
@@ -111,6 +111,7 @@ class SparkplugSession:
         self.last_error: str | None = None
         self.bd_seq: int | None = None
         self.log = get(component="sparkplug", broker=f"{cfg.host}:{cfg.port}", edge_node=self.edge_node_id)
+        self._contained = Contained(self.log, self.metrics.internal_errors.labels("sparkplug").inc)
         self._states: dict[str, bytes] = {}  # JSON state and alarms snapshots, by topic
         self._events: deque[tuple[int, dict[str, bool]]] = deque()  # (last seq committed, device -> connected)
         self._plc_up: dict[str, bool] = {}  # device -> connected, as of the events applied
@@ -163,6 +164,9 @@ class SparkplugSession:
                 self._connected(False, mqttsec.reason(group.exceptions[0], tls=self.cfg.tls is not None))
             except* (BufferError, sqlite3.Error) as group:  # bdSeq not saved: retried like a refused connection
                 self._connected(False, f"buffer: {group.exceptions[0]}")
+            except* Exception as group:  # a bug in a session must not end the gateway: a new session
+                why = self._contained(group.exceptions[0], "sparkplug session failed")
+                self._connected(False, f"internal error {why}")
             self.connected = False
             if self._stopping.is_set():
                 break
