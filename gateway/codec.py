@@ -92,9 +92,11 @@ def state(*, asset_id: str, asset_name: str, kind: str, ts: float,
     })
 
 
-def alert(*, gateway_id: str, seq: int, asset_name: str, kind: str, t: Transition) -> bytes:
+def alert(*, gateway_id: str, seq: int, asset_name: str, kind: str, t: Transition,
+          batch: Mapping[str, object] | None = None) -> bytes:
     """One alarm transition. Carries the production API's ``quality-alert`` fields (asset, parameter
-    name, measured value, target value, deviation percentage, severity, code, timestamp)."""
+    name, measured value, target value, deviation percentage, severity, code, timestamp); on an asset
+    with a batch context also ``batch_id`` and ``recipe_id`` of the batch running then."""
     return orjson.dumps({
         "event": "quality-alert",
         "gateway_id": gateway_id,
@@ -121,6 +123,7 @@ def alert(*, gateway_id: str, seq: int, asset_name: str, kind: str, t: Transitio
         "user": t.user,
         "comment": t.comment,
         "shelved_until": iso_ms(t.shelved_until) if t.shelved_until is not None else None,
+        **(batch or {}),
         "ts": iso_ms(t.ts),
     })
 
@@ -146,10 +149,33 @@ def _event(name: str, *, gateway_id: str, seq: int, asset_id: str, asset_name: s
 
 
 def event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str,
-          old: object, new: object, ts: float) -> bytes:
+          old: object, new: object, ts: float, batch: Mapping[str, object] | None = None) -> bytes:
     """A status change, named like the production API's ``station-status`` / ``reactor-update``."""
     return _event("station-status" if kind == "station" else "reactor-update", gateway_id=gateway_id, seq=seq,
-                  asset_id=asset_id, asset_name=asset_name, kind=kind, tag=tag, ts=ts, old_status=old, new_status=new)
+                  asset_id=asset_id, asset_name=asset_name, kind=kind, tag=tag, ts=ts, old_status=old, new_status=new,
+                  **(batch or {}))
+
+
+_TIMES = ("start", "end", "observed_from", "first_raised", "from", "to")
+
+
+def _iso_times(value: object) -> object:
+    """A batch document with every time field (epoch seconds) in ISO 8601, at any depth."""
+    if isinstance(value, dict):
+        return {k: (iso_ms(v) if k in _TIMES and isinstance(v, (int, float)) else _iso_times(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_iso_times(v) for v in value]
+    return value
+
+
+def batch(doc: Mapping[str, object], *, gateway_id: str, seq: int, asset_id: str, asset_name: str,
+          kind: str) -> bytes:
+    """A batch event (``batch-status-change``) or record (``batch-record``) of gateway/batches.py."""
+    body = _iso_times({k: v for k, v in doc.items() if k not in ("event", "ts")})
+    return orjson.dumps({"event": doc["event"], "gateway_id": gateway_id, "seq": seq, "asset_id": asset_id,
+                         "asset_name": asset_name, "kind": kind, **body,  # type: ignore[dict-item]
+                         "ts": iso_ms(doc["ts"])})  # type: ignore[arg-type]
 
 
 def write_event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str, user: str,

@@ -24,6 +24,7 @@ from prometheus_client import Counter
 
 from . import codec
 from . import commands as cmds
+from .batches import BatchTracker
 from .buffer import ALERT, EVENT, PRIORITY_NAMES, TELEMETRY, Buffer, BufferError, Message
 from .codec import Topics
 from .derived import Derived
@@ -32,11 +33,12 @@ from .logs import Contained, get
 from .metrics import Metrics
 from .model import Quality, Reading
 from .poller import DeviceBatch
-from .rules import AssetInfo, CommandError, Engine, Transition
+from .rules import AssetInfo, CommandError, Engine, State, Transition
 from .tagmap import TagMap
 
 Item = DeviceBatch | cmds.Command | cmds.Write | None
 STATUS_TAG = "status"  # a change of this tag is an `events` message
+_RECORDS = ("/batches", "/shifts")  # topics whose last message is also kept retained on .../last
 DERIVED_SAVE_EVERY = 10.0  # seconds between saves of derived counters (and at every stop)
 CLOCK_JUMP = 2.0  # seconds the wall clock may drift from the monotonic clock between commits before it counts as a step
 _Pending = tuple[str, str, int, Callable[..., bytes]]  # asset, topic, priority, payload(seq=...)
@@ -90,6 +92,14 @@ class Pipeline:
              for a in tag_map.assets),
             start=clock(),
         )
+        self.batches = {a.id: BatchTracker(a.id, a.batch, a.rules, units={n: t.unit for n, t in a.tags.items()},
+                                           devices={n: t.device for n, t in a.tags.items()})
+                        for a in tag_map.assets if a.batch is not None}
+        self._batches_of: dict[str, list[BatchTracker]] = defaultdict(list)  # device -> trackers of its tags
+        for bt in self.batches.values():
+            for device in set(bt.devices.values()):
+                self._batches_of[device].append(bt)
+        self._raised_in: dict[str, dict[str, object]] = {}  # alarm id -> batch context when it was raised
         self.log = get(component="pipeline")
         self._restored = False
         self._reading_counters: dict[tuple[str, Quality], Counter] = {}  # metrics.readings' children
@@ -145,6 +155,11 @@ class Pipeline:
                 continue
             if kind == "alarm" and isinstance(value, dict):
                 dropped += not self.engine.restore(ident, value)
+                if isinstance(value.get("batch"), dict):
+                    self._raised_in[ident] = value["batch"]
+            elif kind == "batch" and ident in self.batches:
+                if not self.batches[ident].restore(value, self.clock()):
+                    self.log.warning("batch state not restored (changed format)", asset=ident)
             elif kind == "status" and ident in self.assets:
                 self.statuses[ident] = value
             elif kind == "derived" and ident in self.derived and isinstance(value, dict):
@@ -173,12 +188,17 @@ class Pipeline:
                 continue
             devices[item.device] = item.connected
             transitions += self.engine.device(item.device, item.connected, now)
+            for bt in self._batches_of.get(item.device, ()):
+                bt.device(item.device, item.connected, now)
             for r in item.readings:
                 by_asset[r.asset].append(r)
         for asset_id, readings in by_asset.items():
             derived = self.derived.get(asset_id)
             if derived is not None:
                 readings.extend(derived.update(readings, now))
+            tracker = self.batches.get(asset_id)
+            if tracker is not None:  # before the alerts: they carry the batch running when they happened
+                self._batch(tracker, readings, pending, memory, now)
             self._telemetry(asset_id, readings, pending, states, memory, now=now)
             transitions += self.engine.update(readings, now)
         for asset_id, derived in self.derived.items():
@@ -193,6 +213,9 @@ class Pipeline:
             t, reply = self._apply(command, now)
             transitions += t
             replies.append((command, reply))
+        if transitions:
+            for bt in self.batches.values():
+                bt.alarms(transitions)
         self._alerts(transitions, pending, states, memory)
         if not pending and not states and not memory:
             self._answer(replies)
@@ -201,6 +224,7 @@ class Pipeline:
         seq = self.buffer.next_seq
         rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio) for i, (asset, topic, prio, make)
                 in enumerate(pending)]
+        states += [(r.topic + "/last", r.payload) for r in rows if r.topic.endswith(_RECORDS)]  # retained copies
         try:
             await self.buffer.append(rows, states, memory)
         except (sqlite3.Error, BufferError) as exc:
@@ -247,6 +271,25 @@ class Pipeline:
             self.log.error("readings of a failed batch dropped", rows=len(rows), error=str(again))
             return
         self.on_commit([])
+
+    def _batch(self, tracker: BatchTracker, readings: list[Reading], pending: list[_Pending],
+               memory: list[tuple[str, bytes]], now: float) -> None:
+        """The asset's batch: its events and records as messages, its state in the same commit."""
+        asset = self.assets[tracker.asset_id]
+        for doc in tracker.update(readings, now):
+            record = doc["event"] == "batch-record"
+            pending.append((asset.id, self.topics.asset(asset.kind, asset.id, "batches" if record else "events"),
+                            ALERT if record else EVENT,
+                            partial(codec.batch, doc, gateway_id=self.gateway_id, asset_id=asset.id,
+                                    asset_name=asset.name, kind=asset.kind)))
+            if record:
+                self.log.info("batch ended", asset=asset.id, batch_id=doc["batch_id"], passed=doc["passed"],
+                              reason=doc["reason"])
+        memory.append((f"batch:{asset.id}", orjson.dumps(tracker.snapshot())))
+
+    def _context(self, asset_id: str) -> dict[str, object] | None:
+        tracker = self.batches.get(asset_id)
+        return tracker.context() if tracker is not None else None
 
     def _devices(self, devices: dict[str, bool]) -> None:
         """Device connectivity, once what the devices' batches caused is committed (Sparkplug DDEATH)."""
@@ -295,7 +338,7 @@ class Pipeline:
                     pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "events"), EVENT,
                                     partial(codec.event, gateway_id=self.gateway_id, asset_id=asset_id,
                                             asset_name=asset.name, kind=asset.kind, tag=r.tag, old=old_status,
-                                            new=r.value, ts=r.ts)))
+                                            new=r.value, ts=r.ts, batch=self._context(asset_id))))
         if changed:
             latest.update(zip(map(_TAG, report), report, strict=True))
             topic = self.topics.asset(asset.kind, asset_id, "state")
@@ -307,10 +350,17 @@ class Pipeline:
         changed: dict[str, None] = {}
         for t in transitions:
             asset = self.assets[t.asset_id]
+            tracker = self.batches.get(t.asset_id)
+            context = tracker.context() if tracker is not None else None
+            saved = self.engine.snapshot(t.alarm_id)
+            if context is not None:
+                if t.trigger == "condition" and t.active and t.state is State.ACTIVE_UNACKED:
+                    self._raised_in[t.alarm_id] = context
+                saved["batch"] = self._raised_in.get(t.alarm_id, context)
             pending.append((t.asset_id, self.topics.asset(asset.kind, t.asset_id, "alerts"), ALERT,
                             partial(codec.alert, gateway_id=self.gateway_id, asset_name=asset.name,
-                                    kind=asset.kind, t=t)))
-            memory.append((f"alarm:{t.alarm_id}", orjson.dumps(self.engine.snapshot(t.alarm_id))))
+                                    kind=asset.kind, t=t, batch=context)))
+            memory.append((f"alarm:{t.alarm_id}", orjson.dumps(saved)))
             changed[t.asset_id] = None
             log = self.log.warning if t.state.value.startswith("active") else self.log.info
             log("alarm", alarm_id=t.alarm_id, state=t.state.value, previous=t.previous.value, trigger=t.trigger,
@@ -319,7 +369,11 @@ class Pipeline:
 
     def _alarms_state(self, asset_id: str) -> tuple[str, bytes]:
         asset = self.assets[asset_id]
-        return (self.topics.asset(asset.kind, asset_id, "alarms"), codec.alarms(self.engine.not_normal(asset_id)))
+        items = self.engine.not_normal(asset_id)
+        if asset_id in self.batches:  # each with the batch running when it was raised
+            none = {"batch_id": None, "recipe_id": None}
+            items = [{**a, **self._raised_in.get(str(a["alarm_id"]), none)} for a in items]
+        return (self.topics.asset(asset.kind, asset_id, "alarms"), codec.alarms(items))
 
     def _apply(self, c: cmds.Command, now: float) -> tuple[list[Transition], bytes]:
         e = self.engine

@@ -27,6 +27,7 @@ from pydantic_core import ErrorDetails
 
 from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTERS, DataType, Order, Table
 
+from .batches import BatchSpec, critical_tags
 from .derived import Calendar, Derived, DerivedSpec
 from .fields import ID_PATTERN, Duration, Frozen, Identifier, TagName, duration
 from .mqttsec import TlsFileError, client_context
@@ -381,6 +382,7 @@ class Asset(Frozen):
     tags: dict[TagName, Tag] = Field(min_length=1)
     rules: list[Rule] = Field(default_factory=list, description="limits checked at the edge, see gateway/rules.py")
     derived: dict[TagName, DerivedSpec] = Field(default_factory=dict, description="values computed at the edge")
+    batch: BatchSpec | None = Field(default=None, description="what says which batch runs: records at its end")
 
     @model_validator(mode="before")
     @classmethod
@@ -536,6 +538,7 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
                     writable.setdefault(key, []).append((tag.address, tag.address + tag.registers, loc))
         issues += _check_derived(asset, ai, tm.gateway.calendar())
         issues += _check_rules(asset, ai)
+        issues += _check_batch(asset, ai)
     for spans in writable.values():
         spans.sort()
         for (s1, e1, loc1), (s2, _e2, loc2) in zip(spans, spans[1:], strict=False):
@@ -615,6 +618,43 @@ def _check_derived(asset: Asset, ai: int, calendar: Calendar) -> list[tuple[Loc,
             Derived(asset.id, asset.derived, calendar)
         except ValueError as exc:
             issues.append((("assets", ai, "derived"), str(exc)))
+    return issues
+
+
+def _check_batch(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
+    """A batch context reads tags of its asset; its phases are names the phase tag can hold; its critical
+    parameters are numbers."""
+    spec = asset.batch
+    if spec is None:
+        return []
+    issues: list[tuple[Loc, str]] = []
+    loc: Loc = ("assets", ai, "batch")
+    names = {**asset.tags, **asset.derived}
+    for field in ("id", "recipe", "phase", "progress"):
+        name = getattr(spec, field)
+        if name is not None and name not in names:
+            issues.append(((*loc, field), f"{name!r} is not a tag of {asset.id!r} (tags: {', '.join(names)})"))
+    phase = asset.tags.get(spec.phase)
+    if phase is not None and phase.enum is not None:
+        known = set(phase.enum.values())
+        for field in ("running", "ending"):
+            for i, name in enumerate(getattr(spec, field)):
+                if name not in known:
+                    issues.append(((*loc, field, i), f"{name!r} is not a phase of {spec.phase!r} "
+                                                     f"(its enum: {', '.join(phase.enum.values())})"))
+    for both in sorted(set(spec.running) & set(spec.ending)):
+        issues.append(((*loc, "ending"), f"{both!r} is both a running and an ending phase"))
+    critical = critical_tags(spec, asset.rules)
+    if not critical:
+        issues.append(((*loc, "critical"), "no critical parameter: name them, or give the asset limit or target "
+                                           "rules"))
+    for i, name in enumerate(spec.critical or ()):
+        tag = names.get(name)
+        where: Loc = (*loc, "critical", i)
+        if tag is None:
+            issues.append((where, f"{name!r} is not a tag of {asset.id!r}"))
+        elif name in asset.tags and not _numeric(asset.tags[name]):
+            issues.append((where, f"{name!r} holds {asset.tags[name]._holds()}: a critical parameter is a number"))
     return issues
 
 

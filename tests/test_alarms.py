@@ -81,10 +81,18 @@ async def test_excursion_status_change_ack_and_restart(plant_map: TagMap, tmp_pa
             "PROD009", "high", "active_unacked", 90.0, 85.0)
         assert alert["deviation_percentage"] == pytest.approx(5.882, abs=1e-3)
         assert alert["ts"] == "2027-01-15T08:00:05.000Z"
-        event = by_leaf["events"][0]
+        status = [e for e in by_leaf["events"] if e["event"] != "batch-status-change"]
+        event = status[0]
         validate("events", event)
         assert (event["event"], event["old_status"], event["new_status"]) == ("reactor-update", "heating", "mixing")
-        assert len(by_leaf["events"]) == 1, "the first status seen is no change"
+        assert len(status) == 1, "the first status seen is no change"
+        # reactor-a has a batch context: a batch seen running at the first sight starts then (not observed
+        # from its start), and its phase change is a batch event too; the status event carries the batch.
+        batch_events = [e for e in by_leaf["events"] if e["event"] == "batch-status-change"]
+        for e in batch_events:
+            validate("events", e)
+        assert [(e["old_status"], e["new_status"]) for e in batch_events] == [(None, "heating"), ("heating", "mixing")]
+        assert event["batch_id"] == batch_events[0]["batch_id"] == alert["batch_id"]
         rows = await buf.fetch(0, 100)
         assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
         async with buf.db.execute("SELECT topic, priority FROM outbox ORDER BY seq") as cur:
@@ -119,8 +127,9 @@ async def test_excursion_status_change_ack_and_restart(plant_map: TagMap, tmp_pa
         await task
         alerts = (await rows_by_leaf(buf))["alerts"]
         assert [(a["state"], a["trigger"], a["user"]) for a in alerts[1:]] == [("active_acked", "acknowledge", "op1")]
-        assert "events" in await rows_by_leaf(buf) and len((await rows_by_leaf(buf))["events"]) == 1, \
-            "the status remembered across the restart: mixing again is no change"
+        events = [e["event"] for e in (await rows_by_leaf(buf))["events"]]
+        assert events.count("reactor-update") == 1, "the status remembered across the restart: mixing again is no change"
+        assert events.count("batch-status-change") == 2, "the batch and its phase remembered across the restart"
 
 
 @pytest.mark.parametrize(("name", "payload", "error"), [
