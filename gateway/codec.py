@@ -180,11 +180,11 @@ def batch(doc: Mapping[str, object], *, gateway_id: str, seq: int, asset_id: str
 
 def write_event(*, gateway_id: str, seq: int, asset_id: str, asset_name: str, kind: str, tag: str, user: str,
                 comment: str | None, request_id: str | None, old: object, new: object, error: str | None,
-                ts: float) -> bytes:
+                ts: float, batch: Mapping[str, object] | None = None) -> bytes:
     """The audit record of an operator's write to a PLC tag: who, what, old and new value, outcome."""
     return _event("tag-write", gateway_id=gateway_id, seq=seq, asset_id=asset_id, asset_name=asset_name, kind=kind,
                   tag=tag, ts=ts, user=user, comment=comment, request_id=request_id, old_value=old, new_value=new,
-                  ok=error is None, error=error)
+                  ok=error is None, error=error, **(batch or {}))
 
 
 def status(*, online: bool, gateway_id: str, version: str, boot_id: str, ts: float) -> bytes:

@@ -114,7 +114,7 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
         await st.start()
     for rs in reactors.values():
         await rs.start()
-    tm = with_endpoints(tag_map, mqtt_port=port, stations=stations, reactors=reactors)
+    tm = _scaled(with_endpoints(tag_map, mqtt_port=port, stations=stations, reactors=reactors), DEMO_TIME_SCALE)
     print(f"broker: {name} on 127.0.0.1:{port}")
     print(f"stations: {', '.join(f'{k}@{s.port}' for k, s in stations.items())}")
     print(f"reactors: {', '.join(f'{k}@{r.endpoint}' for k, r in reactors.items())}")
@@ -150,6 +150,14 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
             await mini.stop()
     _summary(latencies)
     return 0 if latencies else 1
+
+
+def _scaled(tm: TagMap, scale: float) -> TagMap:
+    """The map with batch durations in the simulators' faster plant time (progress in the demo)."""
+    assets = [a if a.batch is None or a.batch.expected_duration is None else a.model_copy(update={
+        "batch": a.batch.model_copy(update={"expected_duration": a.batch.expected_duration / scale})})
+        for a in tm.assets]
+    return tm.model_copy(update={"assets": assets})
 
 
 async def _view(tm: TagMap, port: int, latencies: list[float]) -> None:
@@ -194,20 +202,56 @@ def _show(topic: str, payload: object, latencies: list[float]) -> None:
         for r in data["readings"][:1]:
             latencies.append(now - datetime.fromisoformat(r["ts"]).timestamp())
     elif leaf == "state":
-        v, q = data["values"], data["quality"]
-        counts = {k: sum(1 for x in q.values() if x == k) for k in ("bad", "uncertain")}
-        health = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "all good"
+        v = data["values"]
         middle = _reactor_line(v) if data["kind"] == "reactor" else _station_line(v)
-        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} {middle}  {health}",
-              flush=True)
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} {v.get('status', '?')!s:<11} {middle}  "
+              f"{_quality(data['quality'], data['reasons'])}", flush=True)
     elif leaf == "alerts":
+        batch = f"  [batch {data['batch_id']}]" if data.get("batch_id") else ""
         print(f"{data['ts'][11:23]}  {data['asset_id']:<12} ALARM {data['state']:<15} {data['severity']:<8} "
-              f"{data['code']}  {data['message']}", flush=True)
+              f"{data['code']}  {data['message']}{batch}", flush=True)
+    elif leaf == "events" and data["event"] == "batch-status-change":
+        progress = data.get("progress_percentage")
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} BATCH {data['batch_id']} ({data['recipe_id']}) "
+              f"{data['old_status']} -> {data['new_status']}"
+              + (f"  {progress:.0f}%" if isinstance(progress, (int, float)) else ""), flush=True)
     elif leaf == "events":
         print(f"{data['ts'][11:23]}  {data['asset_id']:<12} EVENT status {data['old_status']} -> "
               f"{data['new_status']}", flush=True)
+    elif leaf == "batches":
+        _show_record(data)
     elif leaf == "status":
         print(f"gateway {data['gateway_id']} is {data['state']} (version {data['version']})", flush=True)
+
+
+def _quality(quality: dict[str, str], reasons: dict[str, str | None]) -> str:
+    """Good, or which values are not and why in a few words: derived values that are still warming up
+    (a rate needs a minute of counts, a day's count starts with the gateway) are not faults."""
+    bad = [t for t, q in quality.items() if q == "bad"]
+    waiting = [t for t, q in quality.items() if q == "uncertain"
+               and any(w in (reasons.get(t) or "") for w in ("warming up", "counting since"))]
+    other = [t for t, q in quality.items() if q == "uncertain" and t not in waiting]
+    parts = [f"{len(bad)} bad ({reasons.get(bad[0])})"] if bad else []
+    if waiting:
+        parts.append(f"warming up, as at every start: {', '.join(waiting)}")
+    if other:
+        parts.append(f"{len(other)} uncertain ({reasons.get(other[0])})")
+    return "; ".join(parts) or "all good"
+
+
+def _show_record(data: dict[str, object]) -> None:
+    """A finished batch's record: pass or fail, and each critical parameter's result."""
+    verdict = "PASSED" if data["passed"] else "FAILED"
+    print(f"{str(data['ts'])[11:23]}  {data['asset_id']!s:<12} BATCH RECORD {data['batch_id']} ({data['recipe_id']}) "
+          f"{verdict} after {float(data['duration_s']):.0f} s"  # type: ignore[arg-type]
+          + ("" if data["complete"] else "  (not seen whole: started before the gateway saw it, or with gaps)"),
+          flush=True)
+    for p in data["parameters"]:  # type: ignore[attr-defined]
+        low, high = p["tolerance_min"], p["tolerance_max"]
+        band = f"[{'' if low is None else _num(low, 2)} .. {'' if high is None else _num(high, 2)}]"
+        print(f"{'':26}{p['parameter_name']:<12} mean {_num(p['mean'], 2):>7}  min {_num(p['min'], 2):>7}  "
+              f"max {_num(p['max'], 2):>7}  band {band:<18} {'ok' if p['passed'] else 'FAIL: ' + p['reason']}",
+              flush=True)
 
 
 def _reactor_line(v: dict[str, object]) -> str:
@@ -219,7 +263,11 @@ def _reactor_line(v: dict[str, object]) -> str:
 def _station_line(v: dict[str, object]) -> str:
     return (f"units {v.get('units_total')!s:>10}  {_num(v.get('units_per_hour')):>7} u/h "
             f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC  "
-            f"avail {_num(v.get('availability'), 0)}%  errors today {v.get('errors_today')}")
+            f"avail {_percent(v.get('availability'))}  errors today {v.get('errors_today')}")
+
+
+def _percent(x: object) -> str:
+    return f"{x:.0f}%" if isinstance(x, (int, float)) else "(from the first minute)"
 
 
 def _num(x: object, digits: int = 1) -> str:

@@ -404,7 +404,8 @@ class Pipeline:
         pending.append((w.asset, self.topics.asset(asset.kind, w.asset, "events"), EVENT,
                         partial(codec.write_event, gateway_id=self.gateway_id, asset_id=w.asset,
                                 asset_name=asset.name, kind=asset.kind, tag=w.tag, user=w.user, comment=w.comment,
-                                request_id=w.request_id, old=w.old, new=w.value, error=w.error, ts=w.ts)))
+                                request_id=w.request_id, old=w.old, new=w.value, error=w.error, ts=w.ts,
+                                batch=self._context(w.asset))))
         if w.error is not None:
             return self._reply(w, error=w.error)
         return self._reply(w, changed=w.old != w.value, write=w)
