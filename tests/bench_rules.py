@@ -1,4 +1,4 @@
-"""CPU cost of the rules engine and the derived values on the plant map (no I/O).
+"""CPU cost of the rules engine, the derived values and the batch trackers on the plant map (no I/O).
 
     python tests/bench_rules.py [--cycles 2000]
 
@@ -11,6 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
+import orjson
+
+from gateway.batches import BatchTracker
 from gateway.derived import Derived
 from gateway.model import Quality, Reading
 from gateway.rules import AssetInfo, Engine
@@ -47,6 +50,20 @@ def main() -> None:
     took = time.perf_counter() - started
     print(f"derived values: {values / took:,.0f} station values/s, {took / values * 1e6:.2f} us/value "
           f"({len(derived)} stations, {max(len(a.derived) for a in tm.assets)} derived values each)")
+
+    trackers = [(BatchTracker(a.id, a.batch, a.rules, units={n: t.unit for n, t in a.tags.items()},
+                              devices={n: t.device for n, t in a.tags.items()}), batches[a.id])
+                for a in tm.assets if a.batch is not None]
+    values, started = 0, time.perf_counter()
+    for i in range(args.cycles):
+        for t, batch in trackers:
+            t.update(batch, 1.8e9 + i)
+            orjson.dumps(t.snapshot())  # committed with every commit that reads the asset
+            values += len(batch)
+    took = time.perf_counter() - started
+    print(f"batch trackers (with their snapshot per commit): {values / took:,.0f} reactor values/s, "
+          f"{took / values * 1e6:.2f} us/value ({len(trackers)} reactors, "
+          f"{len(trackers[0][0].critical) if trackers else 0} critical parameters each)")
 
 
 if __name__ == "__main__":
