@@ -288,11 +288,12 @@ class Gateway:
         return None
 
     def _buffer_full(self, full: Full) -> None:
-        """The buffer gave rows up to stay writable: count each and say which."""
+        """The buffer gave rows up to stay writable: count each and say which, and why."""
         for priority, n in full.dropped.items():
             self.metrics.drops.labels(full.reason, PRIORITY_NAMES[priority]).inc(n)
         self.log.warning("buffer full, messages dropped", reason=full.reason, max_size=self.tag_map.buffer.max_size,
-                         dropped={PRIORITY_NAMES[p]: n for p, n in full.dropped.items()},
+                         limit_bytes=full.limit, disk_free_bytes=full.free,
+                         dropped={PRIORITY_NAMES[p]: n for p, n in full.dropped.items()}, dropped_bytes=full.freed,
                          first_seq=full.first_seq, last_seq=full.last_seq)
 
     async def _buffer_stats(self, buffer: Buffer) -> None:
@@ -300,12 +301,23 @@ class Gateway:
             self.metrics.buffer_rows.set(buffer.rows)
             try:
                 size, age = await buffer.stats()
+                disk = await buffer.watch()
             except Exception as exc:
                 self.log.warning("buffer stats failed", error=str(exc))
             else:
                 self._buffer_age = age
                 self.metrics.buffer_bytes.set(size)
                 self.metrics.buffer_oldest_age.set(age or 0.0)
+                m = self.metrics
+                m.buffer_disk_free.set(disk.free)
+                m.buffer_limit.clear()  # no cap (max_size null, maybe since a reload): no cap series
+                m.buffer_limit.labels("disk").set(disk.disk_limit)
+                if disk.cap is not None:
+                    m.buffer_limit.labels("cap").set(disk.cap)
+                for limit in ("cap", "disk"):
+                    m.buffer_limited_by.labels(limit).set(int(disk.limited_by == limit))
+                for name, n in (("database", disk.database), ("wal", disk.wal), ("reserve", disk.reserve)):
+                    m.buffer_files.labels(name).set(n)
             await asyncio.sleep(2.0)
 
     def health(self) -> tuple[bool, dict[str, object]]:
@@ -319,7 +331,13 @@ class Gateway:
         ok = any_device or not self.pollers
         status = "ok" if ok and broker["connected"] and all(p.connected for p in self.pollers.values()) \
             else ("degraded" if ok else "down")
-        buffer = {"rows": self.buffer.rows if self.buffer else None, "oldest_age_s": self._buffer_age}
+        buffer: dict[str, object] = {"rows": self.buffer.rows if self.buffer else None,
+                                     "oldest_age_s": self._buffer_age}
+        disk = self.buffer.disk if self.buffer else None
+        if disk is not None:  # which limit the buffer meets first: the configured cap or the disk
+            buffer.update(limit=disk.limited_by, limit_bytes=disk.limit, max_size=disk.cap,
+                          disk_free_bytes=disk.free, database_bytes=disk.database, wal_bytes=disk.wal,
+                          reserve_bytes=disk.reserve)
         return ok, {"status": status, "gateway_id": self.tag_map.gateway.id, "boot_id": self.boot_id,
                     "version": __version__, "ts": time.time(), "devices": devices, "broker": broker,
                     "buffer": buffer, "reloads": self.reloads}

@@ -38,6 +38,14 @@ class Metrics:
         self.buffer_bytes = Gauge("gateway_buffer_bytes", "Payload bytes waiting in the buffer", registry=r)
         self.buffer_oldest_age = Gauge("gateway_buffer_oldest_age_seconds", "Age of the oldest waiting message",
                                        registry=r)
+        self.buffer_disk_free = Gauge("gateway_buffer_disk_free_bytes", "Free bytes on the buffer's filesystem",
+                                      registry=r)
+        self.buffer_limit = Gauge("gateway_buffer_limit_bytes", "Bytes the buffer's database may take, by limit: "
+                                  "the configured cap (max_size) and what the disk can hold", ["limit"], registry=r)
+        self.buffer_limited_by = Gauge("gateway_buffer_limited_by", "1 for the limit in force (the smaller of cap "
+                                       "and disk), 0 for the other", ["limit"], registry=r)
+        self.buffer_files = Gauge("gateway_buffer_file_bytes", "Bytes the buffer's files take on the disk, by file "
+                                  "(database, wal, reserve)", ["file"], registry=r)
         self.alarms_active = Gauge("gateway_alarms_active", "Alarms not in normal state, by severity",
                                    ["severity"], registry=r)
         for severity in ("low", "medium", "high", "critical"):
