@@ -12,14 +12,20 @@ PITFALLS.md, and how this driver meets them:
   bad; every ``recheck`` seconds the driver tries to monitor them again, so they recover by
   themselves, without a gateway restart.
 - A configured security mode is set explicitly; a server that does not offer it fails the connect.
+- A refused connect says what to change and where (``_refused``): the user name or password, the
+  gateway's certificate the PLC does not trust yet, a pinned server certificate that is not the
+  server's, a security mode or policy the server does not offer. asyncua 2.1 turns a refused
+  OpenSecureChannel into a bare AssertionError; ``_SocketProtocol`` restores the server's status.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import struct
 import time
+import traceback
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, Node, ua
+from asyncua.client.ua_client import UASocketProtocol
 from asyncua.common.ua_utils import data_type_to_variant_type
 from asyncua.crypto import security_policies
+from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary
 from asyncua.ua.uaerrors import UaError
 
 from drivers import (
@@ -63,7 +71,32 @@ EXPECTED = {
 
 
 class SecurityMismatch(DriverError):
+    """The secure channel cannot be opened as configured (kind ``security``).
+
+    The server does not trust the gateway's certificate (yet), the pinned ``server_certificate`` is
+    not the server's, the server has no endpoint with the configured mode and policy, or it refuses
+    the certificate for another reason (expired, revoked, wrong URI). Nothing changes until someone
+    changes the configuration on one side; the message says what and where.
+    """
+
     kind = "security"
+
+
+class SecurityTimeout(SecurityMismatch, DeviceTimeout):
+    """A SecurityMismatch that showed as a timeout (kind ``security``, and a DeviceTimeout).
+
+    A server that cannot decrypt the request (encrypted for the pinned certificate, which is not
+    its own) may drop it without a word; the gateway then found the mismatch by reading the
+    server's certificate from its discovery endpoint.
+    """
+
+
+class AuthRefused(DeviceUnreachable):
+    """The server refused the session's user (kind ``auth``): a wrong user name or password, no user
+    name where the server allows no anonymous session, or a user that may not connect. A
+    DeviceUnreachable too: no session was opened."""
+
+    kind = "auth"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,28 +197,26 @@ class OpcUaDriver:
         client = Client(self.endpoint, timeout=self.timeout, watchdog_intervall=max(self.timeout, 1.0))
         client.name = client.description = f"edge-gateway {self.device_id}"
         client.connection_lost_callback = self._on_lost
+        trace = _traced(client)
         if self.username:
             client.set_user(self.username)
             if self.password:
                 client.set_password(self.password)
+        deadline = asyncio.get_running_loop().time() + self.timeout * 3
         try:
-            await self._secure(client)
-            async with asyncio.timeout(self.timeout * 3):
+            async with asyncio.timeout_at(deadline):
+                await self._secure(client, trace)
                 await client.connect()
         except asyncio.CancelledError:  # asyncua closes the socket on errors, not on a cancellation
             client.disconnect_socket()
             raise
-        except TimeoutError:
+        except DriverError:
             await _quiet_disconnect(client)
-            hint = ""
-            if self.security.mode != "None":  # a server that cannot decrypt our request just stays silent
-                hint = f" (security {self.security.mode}: is server_certificate the server's certificate?)"
-            raise DeviceTimeout(self.device_id,
-                                f"no session with {self.endpoint} in {self.timeout * 3:g}s{hint}") from None
-        except (OSError, UaError, ua.UaStatusCodeError, ValueError) as exc:
+            raise
+        except Exception as exc:  # asyncua raises more than its own errors (an AssertionError, a parse error)
             await _quiet_disconnect(client)
-            kind = SecurityMismatch if _is_security(exc) else DeviceUnreachable
-            raise kind(self.device_id, f"cannot connect to {self.endpoint}: {_describe(exc)}") from exc
+            error = await self._refused(trace, exc, deadline)
+            raise error from (None if isinstance(exc, TimeoutError) else exc)
         self._client = client
         try:
             await self._setup()
@@ -226,17 +257,182 @@ class OpcUaDriver:
     async def _on_lost(self, exc: Exception) -> None:
         self._lost = _describe(exc)
 
-    async def _secure(self, client: Client) -> None:
+    async def _secure(self, client: Client, trace: _Trace) -> None:
         sec = self.security
         if sec.mode == "None":
             return
         assert sec.certificate is not None and sec.private_key is not None
-        client.application_uri = sec.application_uri or _certificate_uri(sec.certificate) or client.application_uri
-        await client.set_security(
-            POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
-            server_certificate=str(sec.server_certificate) if sec.server_certificate else None,
-            mode=MODES[sec.mode],
-        )
+        server_certificate: bytes | str | None = str(sec.server_certificate) if sec.server_certificate else None
+        if server_certificate is None:
+            # Nothing pinned: read the server's certificate from its endpoints, over a channel without
+            # security that carries nothing but the list (what asyncua's set_security does, but
+            # keeping the list to say what the server offers when it lacks the configured endpoint).
+            trace.discovery = True
+            endpoints = await client.connect_and_get_server_endpoints()
+            trace.discovery = False
+            endpoint = _endpoint(endpoints, sec.mode, sec.policy)
+            if endpoint is None:
+                raise SecurityMismatch(self.device_id, f"cannot connect to {self.endpoint}: "
+                                                       f"{_no_endpoint(sec.mode, sec.policy, endpoints)}")
+            server_certificate = _first_certificate(endpoint.ServerCertificate)
+        try:
+            client.application_uri = (sec.application_uri or _certificate_uri(sec.certificate)
+                                      or client.application_uri)
+            await client.set_security(POLICIES[sec.policy], str(sec.certificate), str(sec.private_key),
+                                      server_certificate=server_certificate, mode=MODES[sec.mode])
+        except (OSError, ValueError, TypeError) as exc:
+            raise SecurityMismatch(self.device_id, f"cannot load the gateway's certificate or key "
+                                                   f"(security.certificate {sec.certificate}, security.private_key "
+                                                   f"{sec.private_key}, security.server_certificate "
+                                                   f"{sec.server_certificate}): {_describe(exc)}") from exc
+
+    async def _refused(  # noqa: PLR0911 - one return per kind of refusal
+        self, trace: _Trace, exc: BaseException, deadline: float,
+    ) -> DriverError:
+        """The DriverError for a failed connect: what the server refused and what to change, if it can tell.
+
+        When the server failed a secured OpenSecureChannel without a status (it closed the
+        connection, sent an error message, or stayed silent), reads the server's endpoints over a
+        channel without security, within the connect's time: to tell a pinned certificate that is
+        not the server's, or a mode and policy the server does not offer.
+        """
+        where = f"cannot connect to {self.endpoint}"
+        sec = self.security
+        status = _status(exc)
+        code = status.value if status is not None else None
+        named = f" ({status.name})" if status is not None else ""
+        if code in _AUTH:
+            return AuthRefused(self.device_id, f"{where}: {self._auth_hint(named)}")
+        if code in _NO_ENDPOINT and trace.discovery:
+            return SecurityMismatch(self.device_id, f"{where}: the server offers no endpoint without security, not "
+                                                    f"even to list its endpoints{named}, so the gateway cannot read "
+                                                    f"its certificate: set the device's security.server_certificate "
+                                                    f"to the PLC's certificate (exported from the PLC)")
+        if code in _NO_ENDPOINT and sec.mode == "None":
+            return SecurityMismatch(self.device_id, f"{where}: the server refused a connection without security"
+                                                    f"{named}, it has no endpoint with security.mode None: "
+                                                    f"{_SET_SECURITY}")
+        if isinstance(exc, UaError) and "No matching endpoints" in str(exc):
+            endpoints = await self._endpoints(deadline)
+            return SecurityMismatch(self.device_id, f"{where}: {_no_endpoint(sec.mode, sec.policy, endpoints)}")
+        timed_out = isinstance(exc, TimeoutError)
+        if sec.mode != "None":
+            unanswered = trace.request == "OpenSecureChannel" and trace.fault is None  # no status from the server
+            if unanswered or code in _NO_ENDPOINT or "certificate mismatch" in str(exc):
+                found = await self._check_endpoints(trace, deadline, timed_out)
+                if found is not None:
+                    return found
+            hint = self._certificate_hint(code, named) if code is not None else None
+            if hint is not None:
+                return SecurityMismatch(self.device_id, f"{where}: {hint}")
+        if timed_out:
+            hint = ""
+            if sec.mode != "None":  # a server that cannot decrypt our request just stays silent
+                hint = f" (security {sec.mode}: is server_certificate the server's certificate?)"
+            return DeviceTimeout(self.device_id, f"no session with {self.endpoint} in {self.timeout * 3:g}s{hint}")
+        words = f" (the server says: {trace.words!r})" if trace.words else ""
+        if sec.mode != "None" and trace.request == "OpenSecureChannel" and trace.words is not None:
+            pinned = ""
+            if sec.server_certificate is not None:
+                pinned = (f", and that security.server_certificate {sec.server_certificate} (SHA-1 "
+                          f"{_thumbprint_of(sec.server_certificate)}) is its certificate")
+            detail = "; ".join(([status.name] if status is not None else []) + [f"it says: {trace.words!r}"])
+            return SecurityMismatch(self.device_id, f"{where}: the server refused the secure channel ({detail}): "
+                                                    f"check that it has an endpoint with security.mode {sec.mode} and "
+                                                    f"security.policy {sec.policy}{pinned}")
+        kind = SecurityMismatch if sec.mode != "None" and _is_security(exc) else DeviceUnreachable
+        return kind(self.device_id, f"{where}: {_describe(exc)}{words}")
+
+    def _auth_hint(self, named: str) -> str:
+        if not self.username:
+            return (f"the server refused an anonymous session{named}: it requires a user name: set the device's "
+                    f"username, and its password in {_PASSWORD}")
+        if not self.password:
+            return (f"the server refused user name {self.username!r} without a password{named}: set the password "
+                    f"in {_PASSWORD}")
+        return (f"the server refused user name {self.username!r} or its password{named}: check the device's "
+                f"username, and the password in {_PASSWORD}")
+
+    def _certificate_hint(self, code: int, named: str) -> str | None:  # noqa: PLR0911 - one return per status
+        """What to do about a secured connect the server refused with status ``code``."""
+        sec = self.security
+        cert = sec.certificate
+        assert cert is not None
+        mine = f"{cert} (SHA-1 thumbprint {_thumbprint_of(cert)})"
+        if code in _UNTRUSTED:
+            return (f"the server does not trust the gateway's certificate{named}: trust {mine} on the PLC, in its "
+                    f"OPC-UA server's trusted certificates (a server that refused it often keeps it as a rejected "
+                    f"certificate, to be moved to the trusted ones); the gateway keeps retrying and connects once it "
+                    f"is trusted")
+        if code in (ua.StatusCodes.BadCertificateTimeInvalid, ua.StatusCodes.BadCertificateIssuerTimeInvalid):
+            return (f"the server says the gateway's certificate {cert} or its issuer is not valid now{named}; "
+                    f"{_validity(cert)}: renew it, or check the clocks of the gateway and the PLC")
+        if code == ua.StatusCodes.BadCertificateUriInvalid:
+            return (f"the server says the application URI the gateway sent is not the one in its certificate{named}: "
+                    f"security.application_uri must equal the URI in the subjectAltName of {cert} "
+                    f"({_certificate_uri(cert)!r}); leave it unset to use the certificate's")
+        if code in (ua.StatusCodes.BadCertificateUseNotAllowed, ua.StatusCodes.BadCertificateIssuerUseNotAllowed):
+            return (f"the server does not accept {cert} as an OPC-UA client certificate{named}: it needs the key "
+                    f"usages digitalSignature, nonRepudiation, keyEncipherment and dataEncipherment, and the "
+                    f"extended key usage clientAuth")
+        if code in (ua.StatusCodes.BadCertificateRevoked, ua.StatusCodes.BadCertificateIssuerRevoked):
+            return (f"the server says the gateway's certificate {mine} or its issuer is revoked{named}: issue a "
+                    f"new certificate and trust it on the PLC")
+        if code in (ua.StatusCodes.BadCertificateRevocationUnknown,
+                    ua.StatusCodes.BadCertificateIssuerRevocationUnknown):
+            return (f"the server cannot tell whether the gateway's certificate {cert} is revoked{named}: give the "
+                    f"PLC the revocation list (CRL) of the CA that issued it")
+        if code in _NO_ENDPOINT:
+            return (f"the server refused security.mode {sec.mode} with security.policy {sec.policy}{named}: set "
+                    f"them to one of the endpoints of the PLC's OPC-UA server")
+        return None
+
+    async def _check_endpoints(  # noqa: PLR0911 - one return per finding
+        self, trace: _Trace, deadline: float, timed_out: bool,
+    ) -> DriverError | None:
+        """After a secured OpenSecureChannel failed without a status: is the pinned certificate the
+        server's, does the server offer the configured mode and policy? None: nothing found."""
+        sec = self.security
+        where = f"cannot connect to {self.endpoint}"
+        pinned = sec.server_certificate
+        kind = SecurityTimeout if timed_out else SecurityMismatch
+        endpoints = await self._endpoints(deadline)
+        if endpoints is None:  # no discovery without security: only the server's own words can tell
+            if pinned is not None and trace.words and "decrypt" in trace.words.lower():
+                return kind(self.device_id, f"{where}: the server could not decrypt the secure channel request "
+                                            f"(it says: {trace.words.strip()!r}): it was encrypted for "
+                                            f"security.server_certificate {pinned} (SHA-1 {_thumbprint_of(pinned)}), "
+                                            f"which is not the server's certificate. {_PIN} (the server offers no "
+                                            f"endpoint without security the gateway could read its certificate from)")
+            return None
+        endpoint = _endpoint(endpoints, sec.mode, sec.policy)
+        if endpoint is None:
+            return kind(self.device_id, f"{where}: {_no_endpoint(sec.mode, sec.policy, endpoints)}")
+        if pinned is None:
+            return None
+        theirs = _first_certificate(endpoint.ServerCertificate)
+        try:
+            ours = _certificate_der(pinned)
+        except (OSError, ValueError):
+            return None
+        if theirs == ours:
+            return None
+        silent = ("the server did not answer the secure channel request: is server_certificate the server's "
+                  "certificate? It is not: ") if timed_out else ""
+        return kind(self.device_id, f"{where}: {silent}security.server_certificate {pinned} (SHA-1 "
+                                    f"{_thumbprint(ours)}) is not the server's certificate; the server's is SHA-1 "
+                                    f"{_thumbprint(theirs)} ({_subject(theirs)}). {_PIN}")
+
+    async def _endpoints(self, deadline: float) -> list[ua.EndpointDescription] | None:
+        """The server's endpoints, read over a channel without security; None if it refuses that, or
+        there is no time left of the connect."""
+        probe = Client(self.endpoint, timeout=self.timeout)
+        _traced(probe)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await probe.connect_and_get_server_endpoints()
+        except Exception:  # refused, closed, timed out: the endpoints are unknown
+            return None
 
     async def _setup(self) -> None:
         client = self._client
@@ -540,12 +736,200 @@ def _plain(value: object) -> object:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if not isinstance(exc, (OSError, UaError, ua.UaStatusCodeError, TimeoutError)) and exc.__traceback__:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]  # where a library tripped (an assert, a parser)
+        text += f" (at {Path(frame.filename).name}:{frame.lineno})"
+    return text
+
+
+# -- why a connect failed -------------------------------------------------------------------------
+
+_PASSWORD = "EDGE_GATEWAY_OPCUA_PASSWORD or, when that is not set, the device's password_file"
+_SET_SECURITY = ("set the device's security (mode, policy, certificate, private_key, and server_certificate to pin "
+                 "the PLC's certificate) to one of the PLC's endpoints")
+_PIN = "Pin the server's own certificate: export it from the PLC and set security.server_certificate to it"
+_AUTH = frozenset({ua.StatusCodes.BadUserAccessDenied, ua.StatusCodes.BadIdentityTokenInvalid,
+                   ua.StatusCodes.BadIdentityTokenRejected, ua.StatusCodes.BadUserSignatureInvalid})
+_NO_ENDPOINT = frozenset({ua.StatusCodes.BadSecurityPolicyRejected, ua.StatusCodes.BadSecurityModeRejected})
+_UNTRUSTED = frozenset({  # the server has not (yet) trusted the gateway's certificate, or its chain
+    ua.StatusCodes.BadSecurityChecksFailed, ua.StatusCodes.BadCertificateUntrusted,
+    ua.StatusCodes.BadCertificateInvalid, ua.StatusCodes.BadCertificateChainIncomplete,
+    ua.StatusCodes.BadCertificatePolicyCheckFailed, ua.StatusCodes.BadNoValidCertificates,
+})
+
+
+@dataclass
+class _Trace:
+    """What the transport saw during one connect, for the message of a failure."""
+
+    request: str | None = None  # the last request sent: OpenSecureChannel, CreateSession, ActivateSession, ...
+    fault: ua.StatusCode | None = None  # the ServiceFault that answered an OpenSecureChannel
+    words: str | None = None  # the server's own text: an ERR message's reason, a fault's string table
+    discovery: bool = False  # set by the driver while it reads the endpoints to find the server's certificate
+
+
+class _SocketProtocol(UASocketProtocol):
+    """asyncua's transport, with a refused OpenSecureChannel reported as the server's status.
+
+    A server refuses an OpenSecureChannel (an untrusted client certificate, a security policy it
+    does not offer, a request encrypted for another certificate) with a ServiceFault in place of
+    the OpenSecureChannelResponse (OPC 10000-6, 6.7.4; node-opcua and PLCs do). asyncua 2.1.0
+    resolves the pending request with the fault's body before it parses the body as an
+    OpenSecureChannelResponse; the parse fails, and ``open_secure_channel`` then fails on
+    ``assert isinstance(self._open_secure_channel_exchange, ua.OpenSecureChannelResponse)``: an
+    AssertionError without the status leaves ``Client.connect``. Here the fault fails the request
+    with its status (a UaStatusCodeError such as BadSecurityChecksFailed), as any other
+    ServiceFault does, and the socket is closed. ``trace`` records what a message needs.
+    """
+
+    trace: _Trace
+
+    def _send_request(self, request: Any, timeout: float = 1,
+                      message_type: ua.MessageType = ua.MessageType.SecureMessage,  # type: ignore[assignment]
+                      ) -> asyncio.Future[Any]:
+        self.trace.request = type(request).__name__.removesuffix("Request")
+        return super()._send_request(request, timeout, message_type)
+
+    def _process_received_message(self, msg: Any) -> None:
+        if isinstance(msg, ua.ErrorMessage):
+            self.trace.words = msg.Reason or None
+        elif isinstance(msg, ua.Message):
+            reply: Any = msg  # asyncua's Message has no annotations
+            if isinstance(reply.SecurityHeader(), ua.AsymmetricAlgorithmHeader):  # an OpenSecureChannel reply
+                fault = _service_fault(reply.body())
+                if fault is not None:
+                    self.trace.fault, self.trace.words = fault
+                    # asyncua's _process_received_data fails the pending requests with it, closes the socket
+                    raise ua.UaStatusCodeError(fault[0].value)
+        super()._process_received_message(msg)
+
+
+def _traced(client: Client) -> _Trace:
+    """Make ``client``'s transports _SocketProtocols; returns the trace they share."""
+    trace = _Trace()
+    uaclient = client.uaclient
+    make = uaclient._make_protocol
+
+    def make_protocol() -> UASocketProtocol:
+        protocol = make()
+        protocol.__class__ = _SocketProtocol  # the subclass adds behaviour, and no state but the trace
+        protocol.trace = trace  # type: ignore[attr-defined]
+        return protocol
+
+    uaclient._make_protocol = make_protocol  # type: ignore[method-assign]
+    return trace
+
+
+def _service_fault(body: Any) -> tuple[ua.StatusCode, str | None] | None:
+    """The status (and text) of a ServiceFault, None for any other message body."""
+    try:
+        fault_id = ua.FourByteNodeId(ua.ObjectIds.ServiceFault_Encoding_DefaultBinary)  # type: ignore[arg-type]
+        if nodeid_from_binary(body) != fault_id:
+            return None
+        header = struct_from_binary(ua.ResponseHeader, body)
+    except Exception:  # not a ServiceFault asyncua can read: leave it to asyncua
+        return None
+    words = "; ".join(t for t in header.StringTable or () if t) or None
+    return header.ServiceResult, words
 
 
 def _is_security(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}"
-    return any(k in text for k in ("Security", "Certificate", "No matching endpoints", "EndpointDescription"))
+    return any(k in text for k in ("Security", "Certificate", "certificate", "No matching"))
+
+
+def _status(exc: BaseException) -> ua.StatusCode | None:
+    """The OPC-UA status of a failure: of ``exc`` or of an exception it was raised from."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, ua.UaStatusCodeError):
+            return ua.StatusCode(seen.code)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_POLICY_NAMES = {cls.URI: name for name, cls in POLICIES.items()}
+
+
+def _endpoint(endpoints: Sequence[ua.EndpointDescription], mode: str, policy: str) -> ua.EndpointDescription | None:
+    want_mode = ua.MessageSecurityMode.None_ if mode == "None" else MODES[mode]
+    want_uri = security_policies.SecurityPolicyNone.URI if mode == "None" else POLICIES[policy].URI
+    return next((ep for ep in endpoints if ep.SecurityMode == want_mode and ep.SecurityPolicyUri == want_uri), None)
+
+
+def _offers(endpoints: Sequence[ua.EndpointDescription]) -> str:
+    """``SignAndEncrypt/Basic256Sha256, None``: the modes and policies of the endpoints."""
+    seen: dict[str, None] = {}
+    for ep in endpoints:
+        mode = ua.MessageSecurityMode(ep.SecurityMode).name.rstrip("_")
+        if mode == "None":
+            seen["None"] = None
+        else:
+            uri = ep.SecurityPolicyUri or ""
+            seen[f"{mode}/{_POLICY_NAMES.get(uri, uri.rpartition('#')[2])}"] = None
+    return ", ".join(seen) or "no endpoints"
+
+
+def _no_endpoint(mode: str, policy: str, endpoints: Sequence[ua.EndpointDescription] | None) -> str:
+    offers = f"it offers {_offers(endpoints)}" if endpoints is not None else "it does not list its endpoints"
+    if mode == "None":
+        return f"the server has no endpoint without security (security.mode None); {offers}: {_SET_SECURITY}"
+    return (f"the server has no endpoint with security.mode {mode} and security.policy {policy}; {offers}: set the "
+            f"device's security.mode and security.policy to one of these")
+
+
+def _first_certificate(data: bytes) -> bytes:
+    """The first certificate of a DER chain (servers may send their chain as one byte string)."""
+    if len(data) > 4 and data[0] == 0x30 and data[1] & 0x80:  # SEQUENCE, length in the next bytes
+        size = data[1] & 0x7F
+        return data[: 2 + size + int.from_bytes(data[2 : 2 + size], "big")]
+    return data
+
+
+def _certificate_der(path: Path) -> bytes:
+    """The DER bytes of the certificate in ``path`` (DER or PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    data = path.read_bytes()
+    if b"-----BEGIN" in data:
+        return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    return data
+
+
+def _thumbprint(der: bytes) -> str:
+    """The SHA-1 thumbprint OPC-UA servers show and name their certificate files by (40 hex digits)."""
+    return hashlib.sha1(der, usedforsecurity=False).hexdigest()
+
+
+def _thumbprint_of(path: Path) -> str:
+    try:
+        return _thumbprint(_certificate_der(path))
+    except (OSError, ValueError) as exc:
+        return f"unknown: cannot read it: {exc}"
+
+
+def _subject(der: bytes) -> str:
+    from cryptography import x509
+
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string() or "no subject"
+    except ValueError:
+        return "not a readable certificate"
+
+
+def _validity(path: Path) -> str:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(_certificate_der(path))
+    except (OSError, ValueError):
+        return "its validity cannot be read"
+    return (f"it is valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
 
 def _certificate_uri(path: Path) -> str | None:

@@ -11,6 +11,12 @@ Faults the tests drive: temperature excursion, pressure spike, pH drift, a senso
 a value that is NaN or infinite with Good status,
 a server restart (optionally with shifted namespace indexes), a PLC program download (a reactor's
 nodes vanish and come back).
+
+Security as PLCs have it (``ReactorServer`` options): one security mode and policy; a list of
+trusted client certificates checked at OpenSecureChannel, as node-opcua and most PLC servers do
+(asyncua's own server checks only at CreateSession); no unsecured discovery; user names with
+passwords. A refused OpenSecureChannel is answered with a ServiceFault in place of the response
+(Part 6, 6.7.4), secured as the response would be, then the connection is closed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +35,14 @@ from typing import Any
 
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType
+from asyncua.crypto import uacrypto
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.security_policies import SecurityPolicyNone
+from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+from asyncua.server.uaprocessor import UaProcessor
+from asyncua.ua.ua_binary import struct_from_binary
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 NAMESPACE = "urn:ninu:plant-1:reactors"
 STEP = 0.1
@@ -183,13 +198,109 @@ class ReactorModel:
         } | self.faults.values
 
 
+Refusal = Callable[[str, bytes | None], int | None]  # (policy URI, client certificate) -> status code or None
+
+
+class _GuardedProcessor(UaProcessor):
+    """A connection's UaProcessor that may refuse an OpenSecureChannel (``refusal``) with a ServiceFault."""
+
+    refusal: Refusal
+
+    def open_secure_channel(self, algohdr: Any, seqhdr: Any, body: Any) -> None:
+        status = None if self._connection.is_open() else self.refusal(algohdr.SecurityPolicyURI,
+                                                                      algohdr.SenderCertificate)
+        if status is None:
+            return super().open_secure_channel(algohdr, seqhdr, body)
+        request = struct_from_binary(ua.OpenSecureChannelRequest, body)
+        with contextlib.suppress(ua.UaError):  # a policy the server does not offer: the fault goes unsecured
+            self._connection.select_policy(algohdr.SecurityPolicyURI, algohdr.SenderCertificate,
+                                           request.Parameters.SecurityMode)
+        fault = ua.ServiceFault()
+        fault.ResponseHeader.ServiceResult = ua.StatusCode(status)
+        self.send_response(request.RequestHeader.RequestHandle, seqhdr, fault, ua.MessageType.SecureOpen)
+        self._transport.close()  # after the fault is written
+        return None
+
+
+class _GuardedProtocol(OPCUAProtocol):
+    refusal: Refusal
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.processor is not None:
+            self.processor.__class__ = _GuardedProcessor  # adds no state but the check
+            self.processor.refusal = self.refusal  # type: ignore[attr-defined]
+
+
+class _GuardedListener(BinaryServer):
+    refusal: Refusal
+
+    def _make_protocol(self) -> OPCUAProtocol:
+        protocol = super()._make_protocol()
+        protocol.__class__ = _GuardedProtocol
+        protocol.refusal = self.refusal  # type: ignore[attr-defined]
+        return protocol
+
+
+class _GuardedServer(Server):
+    """asyncua's Server whose connections may refuse an OpenSecureChannel (``refusal``)."""
+
+    refusal: Refusal
+
+    async def start(self) -> None:  # Server.start with _GuardedListener
+        await self._setup_server_nodes()
+        await self.iserver.start()
+        try:
+            host, port = self._get_bind_socket_info()
+            listener = _GuardedListener(self.iserver, host, port, self.limits)
+            listener.refusal = self.refusal
+            self.bserver = listener
+            listener.set_policies(self._policies)
+            await listener.start()
+        except Exception:
+            await self.iserver.stop()
+            raise
+
+
+class _Users:
+    """asyncua user manager: these user names with these passwords, no anonymous sessions."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = users
+
+    def get_user(self, _iserver: object, username: str | None = None, password: str | None = None,
+                 certificate: object = None) -> User | None:
+        if username is not None and self.users.get(username) == password:
+            return User(role=UserRole.User, name=username)
+        return None
+
+
+def _certificate_der(data: bytes) -> bytes:
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    return data
+
+
 class ReactorServer:
-    """The reactors' OPC-UA server on ``port`` (0: any free port)."""
+    """The reactors' OPC-UA server on ``port`` (0: any free port).
+
+    Security: ``security`` (a mode: None, Sign or SignAndEncrypt) with ``policy``, the server's own
+    ``certificate`` and ``private_key``. ``trusted``: a directory of the client certificates (DER or
+    PEM) the server trusts; any other is refused at OpenSecureChannel with BadSecurityChecksFailed.
+    The directory is read at every OpenSecureChannel: a certificate copied into it is trusted from
+    the next connect on. None: every client certificate is accepted. ``discovery``: False refuses
+    an OpenSecureChannel without security (BadSecurityPolicyRejected), so a client cannot list the
+    endpoints (nor fetch the server's certificate) without the server's certificate, as on a server
+    without a None endpoint. ``users``: user names and their passwords; anonymous sessions are then
+    refused (asyncua answers BadUserAccessDenied to a wrong password, BadIdentityTokenRejected to an
+    anonymous session).
+    """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, seed: int = 1, time_scale: float = 1.0,
                  letters: str = "ABC", namespace: str = NAMESPACE, certificate: Path | None = None,
                  private_key: Path | None = None, security: str = "None",
-                 policy: str = "Basic256Sha256") -> None:
+                 policy: str = "Basic256Sha256", trusted: Path | None = None, discovery: bool = True,
+                 users: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
         self.namespace = namespace
         self.models = {x: ReactorModel(x, seed=seed + i) for i, x in enumerate(letters)}
@@ -197,6 +308,8 @@ class ReactorServer:
         self.frozen = False
         self.certificate, self.private_key, self.security = certificate, private_key, security
         self.policy = policy
+        self.trusted, self.discovery, self.users = trusted, discovery, users
+        self.refused: list[tuple[str, int]] = []  # OpenSecureChannels refused: policy URI, status code
         self.server: Server | None = None
         self.ns = 0
         self._t0 = 0.0
@@ -217,10 +330,17 @@ class ReactorServer:
             from gateway.brokers import free_port
 
             self.port = free_port(self.host)
-        server = Server()
+        users = _Users(self.users) if self.users is not None else None
+        if self.trusted is not None or not self.discovery:
+            server = _GuardedServer(user_manager=users)  # type: ignore[arg-type]
+            server.refusal = self._refusal
+        else:
+            server = Server(user_manager=users)  # type: ignore[arg-type]
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("NINU reactor PLC simulator")
+        if self.users is not None:
+            server.set_identity_tokens([ua.UserNameIdentityToken])
         if self.security != "None":
             assert self.certificate and self.private_key
             await server.load_certificate(str(self.certificate))
@@ -263,6 +383,26 @@ class ReactorServer:
         await self.server.delete_nodes([obj], recursive=True)
         await asyncio.sleep(downtime)
         await self._create(letter)
+
+    def _refusal(self, policy_uri: str, certificate: bytes | None) -> int | None:
+        """The status an OpenSecureChannel is refused with, None to open it."""
+        status = None
+        if policy_uri == SecurityPolicyNone.URI:
+            if not self.discovery and self.security != "None":
+                status = ua.StatusCodes.BadSecurityPolicyRejected
+        elif self.trusted is not None and not self._is_trusted(certificate):
+            status = ua.StatusCodes.BadSecurityChecksFailed
+        if status is not None:
+            self.refused.append((policy_uri, status))
+        return status
+
+    def _is_trusted(self, certificate: bytes | None) -> bool:
+        if not certificate or self.trusted is None:
+            return False
+        cert = uacrypto.der_from_x509(uacrypto.x509_from_der(certificate))  # the first of a chain
+        trusted = (_certificate_der(p.read_bytes()) for p in sorted(self.trusted.glob("*"))
+                   if p.suffix.lower() in (".der", ".pem", ".crt") and p.is_file())
+        return any(cert == t for t in trusted)
 
     def node_id(self, letter: str, variable: str) -> str:
         return f"nsu={self.namespace};s=Reactor{letter}.{variable}"

@@ -2,11 +2,15 @@
 
 EC P-256 keys (fast to make), PEM files in one directory. The broker certificate names
 ``localhost`` and ``127.0.0.1``; the client certificate is for clientAuth only.
+
+``opcua_certificate``: a self-signed OPC-UA application instance certificate (RSA 2048, as the
+RSA security policies need), with its URI in the subjectAltName.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +115,41 @@ def make_pki(directory: Path) -> Pki:
         rogue_client_cert=_write_cert(directory / "rogue-client.pem", rogue_client),
         rogue_client_key=_write_key(directory / "rogue-client-key.pem", rogue_client_key),
     )
+
+
+@dataclass(frozen=True)
+class OpcUaCertificate:
+    cert: Path  # DER, as PLCs export and import them
+    pem: Path  # the same certificate as PEM
+    key: Path  # PEM, unencrypted
+    der: bytes
+
+    @property
+    def thumbprint(self) -> str:
+        """SHA-1 of the DER, in hex: how OPC-UA servers name and show certificates."""
+        return hashlib.sha1(self.der, usedforsecurity=False).hexdigest()
+
+
+def opcua_certificate(directory: Path, name: str, uri: str, *, server: bool) -> OpcUaCertificate:
+    """A self-signed application instance certificate for ``uri`` (also names localhost, 127.0.0.1)."""
+    from asyncua.crypto.cert_gen import (
+        dump_private_key_as_pem,
+        generate_private_key,
+        generate_self_signed_app_certificate,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = generate_private_key()
+    use = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = generate_self_signed_app_certificate(
+        key, name, {"organizationName": "edge-gateway tests"},
+        [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost"),
+         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], [use], days=2,
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    cert_path, pem_path, key_path = directory / f"{name}.der", directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert_path.write_bytes(der)
+    pem_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(dump_private_key_as_pem(key))
+    key_path.chmod(0o600)
+    return OpcUaCertificate(cert_path, pem_path, key_path, der)
