@@ -169,6 +169,13 @@ def _iso_times(value: object) -> object:
     return value
 
 
+def shift(doc: Mapping[str, object], *, gateway_id: str, seq: int, asset_id: str, asset_name: str,
+          ts: float) -> bytes:
+    """A station's production summary of one shift (gateway/shifts.py), the KPI platform's entry."""
+    return orjson.dumps({"event": "shift-summary", "gateway_id": gateway_id, "seq": seq, "asset_id": asset_id,
+                         "asset_name": asset_name, **doc, "ts": iso_ms(ts)})
+
+
 def batch(doc: Mapping[str, object], *, gateway_id: str, seq: int, asset_id: str, asset_name: str,
           kind: str) -> bytes:
     """A batch event (``batch-status-change``) or record (``batch-record``) of gateway/batches.py."""

@@ -40,15 +40,18 @@ def stations_for(tag_map: TagMap, *, seed: int = 1, time_scale: float = 1.0,
     return out
 
 
+OFF_SPEC = 0.2  # share of the simulated batches that run out of tolerance (seeded), so some records fail
+
+
 def reactors_for(tag_map: TagMap, *, seed: int = 1, time_scale: float = 1.0,
-                 any_port: bool = False) -> dict[str, ReactorServer]:
+                 any_port: bool = False, off_spec: float = OFF_SPEC) -> dict[str, ReactorServer]:
     """A reactor simulator for every OPC-UA device of the map, on the endpoint's port (or any)."""
     out = {}
     for dev in tag_map.devices:
         if isinstance(dev, OpcUaDevice):
             url = urlparse(dev.endpoint)
             out[dev.id] = ReactorServer(host=url.hostname or "127.0.0.1", port=0 if any_port else (url.port or 4840),
-                                        seed=seed, time_scale=time_scale)
+                                        seed=seed, time_scale=time_scale, off_spec=off_spec)
     return out
 
 

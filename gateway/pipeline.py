@@ -25,6 +25,7 @@ from prometheus_client import Counter
 from . import codec
 from . import commands as cmds
 from .batches import BatchTracker
+from .shifts import ShiftTracker
 from .buffer import ALERT, EVENT, PRIORITY_NAMES, TELEMETRY, Buffer, BufferError, Message
 from .codec import Topics
 from .derived import Derived
@@ -48,6 +49,12 @@ _QUALITY = attrgetter("quality")
 
 
 _PLAIN = (type(None), bool, int, float, str)
+
+
+def _unsequenced(payload: bytes) -> bytes:
+    doc = orjson.loads(payload)
+    doc.pop("seq", None)
+    return orjson.dumps(doc)
 
 
 def _plain(r: Reading) -> Reading:
@@ -100,6 +107,14 @@ class Pipeline:
             for device in set(bt.devices.values()):
                 self._batches_of[device].append(bt)
         self._raised_in: dict[str, dict[str, object]] = {}  # alarm id -> batch context when it was raised
+        names = tag_map.gateway.shift_names
+        self.shifts = {a.id: ShiftTracker(a.id, a.production, calendar, names)
+                       for a in tag_map.assets if a.production is not None}
+        self._shifts_of: dict[str, list[ShiftTracker]] = defaultdict(list)  # device -> trackers of its stations
+        for a in tag_map.assets:
+            if a.production is not None:
+                for device in {t.device for n, t in a.tags.items() if n in a.production.inputs()}:
+                    self._shifts_of[device].append(self.shifts[a.id])
         self.log = get(component="pipeline")
         self._restored = False
         self._reading_counters: dict[tuple[str, Quality], Counter] = {}  # metrics.readings' children
@@ -111,7 +126,7 @@ class Pipeline:
         await self.restore()
         while True:
             items: list[Item] = []
-            deadline = self.engine.next_deadline()
+            deadline = self.next_deadline()
             try:
                 async with asyncio.timeout_at(None if deadline is None else
                                               asyncio.get_running_loop().time() + max(0.01, deadline - self.clock())):
@@ -157,6 +172,8 @@ class Pipeline:
                 dropped += not self.engine.restore(ident, value)
                 if isinstance(value.get("batch"), dict):
                     self._raised_in[ident] = value["batch"]
+            elif kind == "shift" and ident in self.shifts:
+                self.shifts[ident].restore(value, self.clock())
             elif kind == "batch" and ident in self.batches:
                 if not self.batches[ident].restore(value, self.clock()):
                     self.log.warning("batch state not restored (changed format)", asset=ident)
@@ -182,6 +199,8 @@ class Pipeline:
         by_asset: dict[str, list[Reading]] = defaultdict(list)
         commands: list[cmds.Command | cmds.Write] = []
         devices: dict[str, bool] = {}
+        answered: dict[str, ShiftTracker] = {}
+        summaries: list[tuple[str, list[dict[str, object]]]] = []
         for item in items:
             if isinstance(item, (cmds.Command, cmds.Write)):
                 commands.append(item)
@@ -190,6 +209,11 @@ class Pipeline:
             transitions += self.engine.device(item.device, item.connected, now)
             for bt in self._batches_of.get(item.device, ()):
                 bt.device(item.device, item.connected, now)
+            for st in self._shifts_of.get(item.device, ()):
+                if item.connected:  # the device answered: an observation, even without a reading of the station
+                    answered.setdefault(st.asset_id, st)
+                else:
+                    summaries.append((st.asset_id, st.device(False, now)))
             for r in item.readings:
                 by_asset[r.asset].append(r)
         for asset_id, readings in by_asset.items():
@@ -201,6 +225,11 @@ class Pipeline:
                 self._batch(tracker, readings, pending, memory, now)
             self._telemetry(asset_id, readings, pending, states, memory, now=now)
             transitions += self.engine.update(readings, now)
+        for asset_id, st in answered.items():
+            summaries.append((asset_id, st.update(by_asset.get(asset_id, ()), now)))
+        for asset_id, st in self.shifts.items():
+            summaries.append((asset_id, st.tick(now)))
+        self._shift_summaries(summaries, pending, memory, now, final=final)
         for asset_id, derived in self.derived.items():
             if final or now - self._derived_saved.get(asset_id, 0.0) >= DERIVED_SAVE_EVERY:
                 self._derived_saved[asset_id] = now
@@ -224,7 +253,8 @@ class Pipeline:
         seq = self.buffer.next_seq
         rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio) for i, (asset, topic, prio, make)
                 in enumerate(pending)]
-        states += [(r.topic + "/last", r.payload) for r in rows if r.topic.endswith(_RECORDS)]  # retained copies
+        # The last record also retained, without its seq: the sequenced message is the one to count
+        states += [(r.topic + "/last", _unsequenced(r.payload)) for r in rows if r.topic.endswith(_RECORDS)]
         try:
             await self.buffer.append(rows, states, memory)
         except (sqlite3.Error, BufferError) as exc:
@@ -286,6 +316,32 @@ class Pipeline:
                 self.log.info("batch ended", asset=asset.id, batch_id=doc["batch_id"], passed=doc["passed"],
                               reason=doc["reason"])
         memory.append((f"batch:{asset.id}", orjson.dumps(tracker.snapshot())))
+
+    def _shift_summaries(self, summaries: list[tuple[str, list[dict[str, object]]]], pending: list[_Pending],
+                         memory: list[tuple[str, bytes]], now: float, *, final: bool) -> None:
+        """Summaries of shifts that ended, as messages; a station's shift state is saved with them (so a
+        summary is never sent twice), every DERIVED_SAVE_EVERY seconds and at a stop."""
+        with_summary: set[str] = set()
+        for asset_id, docs in summaries:
+            asset = self.assets[asset_id]
+            for doc in docs:
+                with_summary.add(asset_id)
+                pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "shifts"), ALERT,
+                                partial(codec.shift, doc, gateway_id=self.gateway_id, asset_id=asset_id,
+                                        asset_name=asset.name, ts=now)))
+                self.log.info("shift ended", asset=asset_id, shift=doc["shift"], shift_date=doc["shift_date"],
+                              units=doc["units_produced"], complete=doc["complete"])
+        for asset_id, st in self.shifts.items():
+            key = f"shift:{asset_id}"
+            if final or asset_id in with_summary or now - self._derived_saved.get(key, 0.0) >= DERIVED_SAVE_EVERY:
+                self._derived_saved[key] = now
+                memory.append((key, orjson.dumps(st.snapshot())))
+
+    def next_deadline(self) -> float | None:
+        """When the pipeline must commit even without input: an alarm timer, or a shift's end."""
+        times = [t for t in (self.engine.next_deadline(), *(st.next_boundary() for st in self.shifts.values()))
+                 if t is not None]
+        return min(times) if times else None
 
     def _context(self, asset_id: str) -> dict[str, object] | None:
         tracker = self.batches.get(asset_id)

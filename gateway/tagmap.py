@@ -29,6 +29,7 @@ from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTER
 
 from .batches import BatchSpec, critical_tags
 from .derived import Calendar, Derived, DerivedSpec
+from .shifts import ProductionSpec
 from .fields import ID_PATTERN, Duration, Frozen, Identifier, TagName, duration
 from .mqttsec import TlsFileError, client_context
 from .rules import LIMIT_KINDS, Rule
@@ -56,6 +57,8 @@ class GatewayConfig(Frozen):
     timezone: str = Field(default="UTC", description="the plant's time zone: days and shifts of derived values")
     shifts: list[str] = Field(default_factory=lambda: ["00:00"], min_length=1,
                               description="local start times of the shifts, e.g. [06:00, 14:00, 22:00]")
+    shift_names: list[Annotated[str, Field(min_length=1, max_length=32)]] | None = Field(
+        default=None, description="a name per shift, in the order of shifts (default: 1, 2, 3, ...)")
 
     @field_validator("timezone")
     @classmethod
@@ -68,6 +71,12 @@ class GatewayConfig(Frozen):
     def _shifts(cls, value: list[str]) -> list[str]:
         Calendar(shifts=tuple(value))
         return value
+
+    @model_validator(mode="after")
+    def _names(self) -> GatewayConfig:
+        if self.shift_names is not None and len(self.shift_names) != len(self.shifts):
+            raise ValueError(f"shift_names has {len(self.shift_names)} names for {len(self.shifts)} shifts")
+        return self
 
     def calendar(self) -> Calendar:
         return Calendar(tz=self.timezone, shifts=tuple(self.shifts))
@@ -383,6 +392,8 @@ class Asset(Frozen):
     rules: list[Rule] = Field(default_factory=list, description="limits checked at the edge, see gateway/rules.py")
     derived: dict[TagName, DerivedSpec] = Field(default_factory=dict, description="values computed at the edge")
     batch: BatchSpec | None = Field(default=None, description="what says which batch runs: records at its end")
+    production: ProductionSpec | None = Field(default=None, description="a station's counters and status: a "
+                                                                        "production summary per shift")
 
     @model_validator(mode="before")
     @classmethod
@@ -539,6 +550,7 @@ def cross_check(tm: TagMap) -> list[tuple[Loc, str]]:
         issues += _check_derived(asset, ai, tm.gateway.calendar())
         issues += _check_rules(asset, ai)
         issues += _check_batch(asset, ai)
+        issues += _check_production(asset, ai)
     for spans in writable.values():
         spans.sort()
         for (s1, e1, loc1), (s2, _e2, loc2) in zip(spans, spans[1:], strict=False):
@@ -655,6 +667,29 @@ def _check_batch(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
             issues.append((where, f"{name!r} is not a tag of {asset.id!r}"))
         elif name in asset.tags and not _numeric(asset.tags[name]):
             issues.append((where, f"{name!r} holds {asset.tags[name]._holds()}: a critical parameter is a number"))
+    return issues
+
+
+def _check_production(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
+    """A production section reads tags of its asset; its statuses are names its status tag can hold."""
+    spec = asset.production
+    if spec is None:
+        return []
+    issues: list[tuple[Loc, str]] = []
+    loc: Loc = ("assets", ai, "production")
+    names = {**asset.tags, **asset.derived}
+    for field in ("counter", "rejects", "errors", "status", "target"):
+        name = getattr(spec, field)
+        if name is not None and name not in names:
+            issues.append(((*loc, field), f"{name!r} is not a tag of {asset.id!r} (tags: {', '.join(names)})"))
+    status = asset.tags.get(spec.status)
+    if status is not None and status.enum is not None:
+        known = set(status.enum.values())
+        for field in ("running", "downtime"):
+            for i, name in enumerate(getattr(spec, field)):
+                if name not in known:
+                    issues.append(((*loc, field, i), f"{name!r} is not a status of {spec.status!r} "
+                                                     f"(its enum: {', '.join(status.enum.values())})"))
     return issues
 
 

@@ -114,6 +114,10 @@ class ReactorModel:
     faults: ReactorFaults = field(default_factory=ReactorFaults)
     setpoint_override: float | None = None  # written temperature setpoint, until the next cycle step
     maintenance: bool = False  # written status maintenance: the cycle stands still
+    off_spec: float = 0.0  # share of batches whose pH runs out of the recipe's tolerance while mixing (seeded)
+    off_spec_batches: set[str] = field(default_factory=set)  # batch ids that were made off-spec
+    # The model's own trace of each batch (heating to transferring): variable -> [min, max, sum, steps]
+    trace: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -146,11 +150,29 @@ class ReactorModel:
                 self.setpoint_override = None  # the recipe's next step brings its own setpoint
                 if self.step_index == 1:
                     self.batch += 1
+                    if self.off_spec and self.rng.random() < self.off_spec:
+                        self.off_spec_batches.add(self.batch_id)
         setpoint = self.setpoint
         self.temperature += (setpoint - self.temperature) * STEP / 20.0 + self.rng.gauss(0, 0.02)
         self.ph += (self.ph_target - self.ph) * STEP * 0.02 + self.rng.gauss(0, 0.002)
         self.density = self.density_target + self.rng.gauss(0, 0.002)
         self.maintenance_hours += STEP / 3600
+        self._record()
+
+    @property
+    def batch_id(self) -> str:
+        return f"B-{self.letter}-{self.batch:05d}"
+
+    def _record(self) -> None:
+        """Add this step's published values to the running batch's trace (a step is STEP plant seconds)."""
+        if self.maintenance or not 1 <= self.step_index <= 4:  # heating, mixing, cooling, transferring
+            return
+        values = self.values()
+        trace = self.trace.setdefault(self.batch_id, {})
+        for name in ("Temperature", "Pressure", "PhLevel", "Density"):
+            v = float(values[name])  # type: ignore[arg-type]
+            t = trace.setdefault(name, [v, v, 0.0, 0])
+            t[0], t[1], t[2], t[3] = min(t[0], v), max(t[1], v), t[2] + v, t[3] + 1
 
     def command(self, name: str, value: object) -> bool:
         """Take a value a client wrote to the WRITABLE node ``name``; False: the program drops it."""
@@ -176,6 +198,10 @@ class ReactorModel:
             return False
         return True
 
+    def _off_spec(self) -> float:
+        """An off-spec batch: its pH 0.5 above the recipe's target while mixing."""
+        return 0.5 if self.batch_id in self.off_spec_batches and CYCLE[self.step_index][0] == "mixing" else 0.0
+
     def values(self) -> dict[str, object]:
         _, _, _, speed = CYCLE[self.step_index]
         if self.maintenance:
@@ -188,11 +214,11 @@ class ReactorModel:
             "TemperatureSetpoint": self.setpoint,
             "Pressure": round(1.013 + 0.015 * max(t - 20, 0) + 0.005 * wobble + self.faults.pressure_offset, 4),
             "MixingSpeed": speed + (2.0 * wobble if speed else 0.0),
-            "PhLevel": round(self.ph + self.faults.ph_offset, 3),
+            "PhLevel": round(self.ph + self.faults.ph_offset + self._off_spec(), 3),
             "PhTarget": self.ph_target,
             "Density": round(self.density, 4),
             "DensityTarget": self.density_target,
-            "BatchId": f"B-{self.letter}-{self.batch:05d}",
+            "BatchId": self.batch_id,
             "RecipeId": self.recipe,
             "MaintenanceHours": round(self.maintenance_hours, 3),
         } | self.faults.values
@@ -300,10 +326,10 @@ class ReactorServer:
                  letters: str = "ABC", namespace: str = NAMESPACE, certificate: Path | None = None,
                  private_key: Path | None = None, security: str = "None",
                  policy: str = "Basic256Sha256", trusted: Path | None = None, discovery: bool = True,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None, off_spec: float = 0.0) -> None:
         self.host, self.port = host, port
         self.namespace = namespace
-        self.models = {x: ReactorModel(x, seed=seed + i) for i, x in enumerate(letters)}
+        self.models = {x: ReactorModel(x, seed=seed + i, off_spec=off_spec) for i, x in enumerate(letters)}
         self.time_scale = time_scale
         self.frozen = False
         self.certificate, self.private_key, self.security = certificate, private_key, security
