@@ -25,7 +25,6 @@ from prometheus_client import Counter
 from . import codec
 from . import commands as cmds
 from .batches import BatchTracker
-from .shifts import ShiftTracker
 from .buffer import ALERT, EVENT, PRIORITY_NAMES, TELEMETRY, Buffer, BufferError, Message
 from .codec import Topics
 from .derived import Derived
@@ -35,6 +34,7 @@ from .metrics import Metrics
 from .model import Quality, Reading
 from .poller import DeviceBatch
 from .rules import AssetInfo, CommandError, Engine, State, Transition
+from .shifts import ShiftTracker
 from .tagmap import TagMap
 
 Item = DeviceBatch | cmds.Command | cmds.Write | None

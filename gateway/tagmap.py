@@ -29,10 +29,10 @@ from drivers.modbus.types import ADDRESS_SPACE, MAX_READ_BITS, MAX_READ_REGISTER
 
 from .batches import BatchSpec, critical_tags
 from .derived import Calendar, Derived, DerivedSpec
-from .shifts import ProductionSpec
 from .fields import ID_PATTERN, Duration, Frozen, Identifier, TagName, duration
 from .mqttsec import TlsFileError, client_context
 from .rules import LIMIT_KINDS, Rule
+from .shifts import ProductionSpec
 from .yamlsource import Document, Loc, Problem, SourceError, format_path, load, parse
 
 Interval = Annotated[float, BeforeValidator(duration), Field(ge=0.01, le=86400)]
@@ -639,21 +639,10 @@ def _check_batch(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
     spec = asset.batch
     if spec is None:
         return []
-    issues: list[tuple[Loc, str]] = []
     loc: Loc = ("assets", ai, "batch")
     names = {**asset.tags, **asset.derived}
-    for field in ("id", "recipe", "phase", "progress"):
-        name = getattr(spec, field)
-        if name is not None and name not in names:
-            issues.append(((*loc, field), f"{name!r} is not a tag of {asset.id!r} (tags: {', '.join(names)})"))
-    phase = asset.tags.get(spec.phase)
-    if phase is not None and phase.enum is not None:
-        known = set(phase.enum.values())
-        for field in ("running", "ending"):
-            for i, name in enumerate(getattr(spec, field)):
-                if name not in known:
-                    issues.append(((*loc, field, i), f"{name!r} is not a phase of {spec.phase!r} "
-                                                     f"(its enum: {', '.join(phase.enum.values())})"))
+    issues = _section_tags(asset, loc, spec, ("id", "recipe", "phase", "progress"), enum_tag=spec.phase,
+                           name_fields=("running", "ending"), noun="phase")
     for both in sorted(set(spec.running) & set(spec.ending)):
         issues.append(((*loc, "ending"), f"{both!r} is both a running and an ending phase"))
     critical = critical_tags(spec, asset.rules)
@@ -675,21 +664,29 @@ def _check_production(asset: Asset, ai: int) -> list[tuple[Loc, str]]:
     spec = asset.production
     if spec is None:
         return []
+    return _section_tags(asset, ("assets", ai, "production"), spec,
+                         ("counter", "rejects", "errors", "status", "target"), enum_tag=spec.status,
+                         name_fields=("running", "downtime"), noun="status")
+
+
+def _section_tags(asset: Asset, loc: Loc, spec: object, tag_fields: tuple[str, ...], *, enum_tag: str,
+                  name_fields: tuple[str, ...], noun: str) -> list[tuple[Loc, str]]:
+    """An asset's section (batch, production) names tags of the asset in ``tag_fields``, and values of
+    the enum tag ``enum_tag`` in the lists ``name_fields``."""
     issues: list[tuple[Loc, str]] = []
-    loc: Loc = ("assets", ai, "production")
     names = {**asset.tags, **asset.derived}
-    for field in ("counter", "rejects", "errors", "status", "target"):
+    for field in tag_fields:
         name = getattr(spec, field)
         if name is not None and name not in names:
             issues.append(((*loc, field), f"{name!r} is not a tag of {asset.id!r} (tags: {', '.join(names)})"))
-    status = asset.tags.get(spec.status)
-    if status is not None and status.enum is not None:
-        known = set(status.enum.values())
-        for field in ("running", "downtime"):
+    tag = asset.tags.get(enum_tag)
+    if tag is not None and tag.enum is not None:
+        known = set(tag.enum.values())
+        for field in name_fields:
             for i, name in enumerate(getattr(spec, field)):
                 if name not in known:
-                    issues.append(((*loc, field, i), f"{name!r} is not a status of {spec.status!r} "
-                                                     f"(its enum: {', '.join(status.enum.values())})"))
+                    issues.append(((*loc, field, i), f"{name!r} is not a {noun} of {enum_tag!r} "
+                                                     f"(its enum: {', '.join(tag.enum.values())})"))
     return issues
 
 
