@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from pathlib import Path
 
 import orjson
@@ -172,3 +173,69 @@ async def test_a_shift_boundary_gives_one_summary_per_station_with_the_simulator
     assert summary["units_produced"] == (units[29] - units[0]) % (1 << 32) > 0
     assert summary["complete"] is False and summary["missing_minutes"] > 0
     assert summary["shift"] in tm.gateway.shift_names  # type: ignore[operator]
+
+
+async def test_a_gateway_killed_mid_batch_publishes_its_record_after_the_restart(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """SIGKILL while reactor A's batch runs, restart at once: the batch's record arrives once, with the
+    time away as a gap (never weighed in), and statistics that still agree with the simulator's trace."""
+    import os
+    import signal
+    import sys
+
+    from .helpers import PLANT
+
+    server = ReactorServer(seed=9, time_scale=SCALE)
+    server.models["A"].step_left = 100.0  # idle for 5 s, so that the gateway sees its batch start
+    await server.start()
+    lines = [line for line in PLANT.read_text().splitlines()  # the reactors only, polled every 100 ms
+             if "protocol: modbus_tcp" not in line and "kind: station" not in line]
+    config = tmp_path / "reactors.yaml"
+    config.write_text("\n".join(lines).replace("port: 1883", f"port: {mosquitto.port}")
+                      .replace("opc.tcp://127.0.0.1:4840/reactors", server.endpoint)
+                      .replace("interval: 500ms", "interval: 100ms"))
+    env = {**os.environ, "EDGE_GATEWAY_BUFFER_PATH": str(tmp_path / "buffer.sqlite"),
+           "EDGE_GATEWAY_LOG_FORMAT": "json", "EDGE_GATEWAY_HTTP_ADDRESS": "off"}
+
+    async def spawn() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "--config", str(config), env=env, cwd=tmp_path,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    model = server.models["A"]
+    proc = await spawn()
+    try:
+        async with collecting(mosquitto.port, "ninu/plant-1/reactors/reactor-a/#", persistent=True) as sub:
+            # Reactor A's first batch starts 5 s in; the gateway is killed in mixing.
+            await wait_until(lambda: model.status == "mixing" and any(
+                m.topic.endswith("/events") and m.data.get("event") == "batch-status-change"
+                for m in sub.messages), 20, "reactor A mixing")
+            batch_id = model.batch_id
+            os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            await asyncio.sleep(0.5)
+            proc = await spawn()
+            await wait_until(lambda: bool(_records(sub.messages, "reactor-a")), 30, "the record")
+            records = _records(sub.messages, "reactor-a")
+    finally:
+        if proc.returncode is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 15)
+        await server.stop()
+    rec = records[0]
+    validate("batches", rec)
+    assert rec["batch_id"] == batch_id and rec["observed_from"] is None
+    assert [g["reason"] for g in rec["gaps"]] == ["gateway not running"]  # type: ignore[union-attr]
+    assert rec["complete"] is False
+    assert [p["phase"] for p in rec["phases"]] == ["heating", "mixing", "cooling", "transferring"]  # type: ignore[union-attr]
+    trace = model.trace[batch_id]
+    (gap,) = rec["gaps"]  # type: ignore[misc]
+    gap_s = (datetime.fromisoformat(gap["to"]) - datetime.fromisoformat(gap["from"])).total_seconds()
+    for p in rec["parameters"]:  # type: ignore[union-attr]
+        low, high, _total, _steps = trace[VARIABLES[p["parameter_name"]]]
+        span = max(high - low, 1e-3)
+        # The time away is missing, never weighed in: the statistics are of the time seen, inside the
+        # simulator's extremes (its mean over the whole batch differs by what the gap left out).
+        assert low <= p["min"] <= p["mean"] <= p["max"] <= high, (p, span)
+        assert p["missing_s"] >= gap_s - 0.01
