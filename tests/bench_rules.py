@@ -15,6 +15,7 @@ import orjson
 
 from gateway.batches import BatchTracker
 from gateway.derived import Derived
+from gateway.shifts import ShiftTracker
 from gateway.model import Quality, Reading
 from gateway.rules import AssetInfo, Engine
 from gateway.tagmap import load_tag_map
@@ -64,6 +65,18 @@ def main() -> None:
     print(f"batch trackers (with their snapshot per commit): {values / took:,.0f} reactor values/s, "
           f"{took / values * 1e6:.2f} us/value ({len(trackers)} reactors, "
           f"{len(trackers[0][0].critical) if trackers else 0} critical parameters each)")
+
+    shifts = [(ShiftTracker(a.id, a.production, calendar, tm.gateway.shift_names), batches[a.id])
+              for a in tm.assets if a.production is not None]
+    values, started = 0, time.perf_counter()
+    for i in range(args.cycles):
+        for st, batch in shifts:
+            st.update(batch, 1.8e9 + i)
+            st.tick(1.8e9 + i)
+            values += len(batch)
+    took = time.perf_counter() - started
+    print(f"shift trackers: {values / took:,.0f} station values/s, {took / values * 1e6:.2f} us/value "
+          f"({len(shifts)} stations)")
 
 
 if __name__ == "__main__":
