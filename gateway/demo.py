@@ -8,9 +8,10 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo
 
 import aiomqtt
 import orjson
@@ -118,6 +119,10 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
     for rs in reactors.values():
         await rs.start()
     tm = _scaled(with_endpoints(tag_map, mqtt_port=port, stations=stations, reactors=reactors), DEMO_TIME_SCALE)
+    tm = _minute_shifts(tm, time.time())
+    print(f"shifts: one a minute for the demo ({', '.join(tm.gateway.shifts[:3])}, ...): a production summary "
+          f"per station at each (the simulators run {DEMO_TIME_SCALE:g}x faster than the clock: so does "
+          "performance)")
     print(f"broker: {name} on 127.0.0.1:{port}")
     print(f"stations: {', '.join(f'{k}@{s.port}' for k, s in stations.items())}")
     print(f"reactors: {', '.join(f'{k}@{r.endpoint}' for k, r in reactors.items())}")
@@ -153,6 +158,18 @@ async def demo(tag_map: TagMap, *, duration: float | None, shutdown: asyncio.Eve
             await mini.stop()
     _summary(latencies)
     return 0 if latencies else 1
+
+
+DEMO_SHIFTS = 30  # the demo's shifts: one a minute, from the next minute on
+
+
+def _minute_shifts(tm: TagMap, now: float) -> TagMap:
+    """The map with a shift starting every minute for the next DEMO_SHIFTS minutes (local time), so the
+    demo shows production summaries; the last one runs until the first comes round the next day."""
+    local = datetime.fromtimestamp(now, ZoneInfo(tm.gateway.timezone)).replace(second=0, microsecond=0)
+    starts = sorted({(local + timedelta(minutes=i)).strftime("%H:%M") for i in range(1, DEMO_SHIFTS + 1)})
+    gateway = tm.gateway.model_copy(update={"shifts": starts, "shift_names": None})
+    return tm.model_copy(update={"gateway": gateway})
 
 
 def _scaled(tm: TagMap, scale: float) -> TagMap:
@@ -223,6 +240,13 @@ def _show(topic: str, payload: object, latencies: list[float]) -> None:
               f"{data['new_status']}", flush=True)
     elif leaf == "batches":
         _show_record(data)
+    elif leaf == "shifts":
+        print(f"{data['ts'][11:23]}  {data['asset_id']:<12} SHIFT {data['shift_date']} #{data['shift']} "
+              f"{data['start'][11:16]}-{data['end'][11:16]} UTC: {data['units_produced']} units, run "
+              f"{data['run_time_hours'] * 60:.1f} min, down {data['downtime_total_minutes']:.1f} min, availability "
+              f"{_percent(_times100(data['availability']))}, performance {_percent(_times100(data['performance']))}"
+              + ("" if data["complete"] else f", {data['missing_minutes']:.1f} min not seen (the gateway started "
+                                              "during it)"), flush=True)
     elif leaf == "status":
         print(f"gateway {data['gateway_id']} is {data['state']} (version {data['version']})", flush=True)
 
@@ -267,6 +291,10 @@ def _station_line(v: dict[str, object]) -> str:
     return (f"units {v.get('units_total')!s:>10}  {_num(v.get('units_per_hour')):>7} u/h "
             f"(target {v.get('target_units_per_hour')})  motor {_num(v.get('motor_temperature'))} degC  "
             f"avail {_percent(v.get('availability'))}  errors today {v.get('errors_today')}")
+
+
+def _times100(x: object) -> object:
+    return x * 100 if isinstance(x, (int, float)) else x
 
 
 def _percent(x: object) -> str:
