@@ -201,6 +201,12 @@ class BatchTracker:
             self.lost.add(device)
         self.last = now
 
+    def touch(self, now: float) -> None:
+        """The gateway ran until ``now`` (its last commit before a stop): the values held count until then."""
+        self._advance(now)
+        if self.last is None or now > self.last:
+            self.last = now
+
     def alarms(self, transitions: Iterable[Transition]) -> None:
         """Alarm transitions of the asset: raises of critical parameters' alarms count in the record."""
         if self.batch is None:

@@ -51,6 +51,16 @@ _QUALITY = attrgetter("quality")
 _PLAIN = (type(None), bool, int, float, str)
 
 
+HANDOVER = 1.0  # seconds: state saved less than this before a restore was handed over (a reload), not a stop
+
+
+def _resumed(saved: object, key: str, now: float) -> float:
+    """When a tracker's saved state resumes: ``now`` after a stop (the time away is a gap), or the time it
+    was saved when a reload handed it over a moment ago (no gap: the values held stay good)."""
+    last = saved.get(key) if isinstance(saved, dict) else None
+    return last if isinstance(last, (int, float)) and 0 <= now - last < HANDOVER else now
+
+
 def _unsequenced(payload: bytes) -> bytes:
     doc = orjson.loads(payload)
     doc.pop("seq", None)
@@ -173,9 +183,9 @@ class Pipeline:
                 if isinstance(value.get("batch"), dict):
                     self._raised_in[ident] = value["batch"]
             elif kind == "shift" and ident in self.shifts:
-                self.shifts[ident].restore(value, self.clock())
+                self.shifts[ident].restore(value, _resumed(value, "seen", self.clock()))
             elif kind == "batch" and ident in self.batches:
-                if not self.batches[ident].restore(value, self.clock()):
+                if not self.batches[ident].restore(value, _resumed(value, "last", self.clock())):
                     self.log.warning("batch state not restored (changed format)", asset=ident)
             elif kind == "status" and ident in self.assets:
                 self.statuses[ident] = value
@@ -230,6 +240,10 @@ class Pipeline:
         for asset_id, st in self.shifts.items():
             summaries.append((asset_id, st.tick(now)))
         self._shift_summaries(summaries, pending, memory, now, final=final)
+        if final:  # the last commit before a stop or a reload: the batches ran until now
+            for bt in self.batches.values():
+                bt.touch(now)
+                memory.append((f"batch:{bt.asset_id}", orjson.dumps(bt.snapshot())))
         for asset_id, derived in self.derived.items():
             if final or now - self._derived_saved.get(asset_id, 0.0) >= DERIVED_SAVE_EVERY:
                 self._derived_saved[asset_id] = now

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -13,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.batches import BatchSpec, BatchTracker
+from gateway.buffer import Buffer
 from gateway.model import Quality, Reading
+from gateway.poller import DeviceBatch
 from gateway.rules import Rule, State, Transition
 from gateway.tagmap import load_tag_map
 
@@ -251,3 +254,39 @@ def test_the_spec_reads_tags_of_its_asset() -> None:
     with pytest.raises(ValueError, match="running"):
         BatchSpec(running=[])
     assert Rule(tag="x", kind="high", limit=1).rule_id == "x_high"
+
+
+@pytest.mark.parametrize(("away", "gap"), [(0.2, False), (5.0, True)], ids=["reload", "restart"])
+async def test_a_reload_hands_the_batch_over_and_a_restart_leaves_a_gap(tmp_path: Path, away: float,
+                                                                       gap: bool) -> None:
+    """Through the pipeline and its buffer: a new pipeline on the same buffer (a SIGHUP reload a moment
+    later, or a restart after 5 s) goes on with the running batch; only the restart is a gap."""
+    from .test_alarms import Clock, pipeline, reading, rows_by_leaf
+
+    tm = load_tag_map(PLANT)
+    clock = Clock()
+    clock.now = T0
+    async with Buffer(tmp_path / "b.sqlite") as buf:
+        first = pipeline(tm, buf, clock, [])
+        await first.restore()
+        start = [reading("reactor-a", t, v, T0) for t, v in (("status", "idle"), ("batch_id", "B-0"),
+                                                           ("temperature", 60.0), ("pressure", 1.5))]
+        await first.commit([DeviceBatch(DEVICE, start)])
+        clock.now = T0 + 10
+        await first.commit([DeviceBatch(DEVICE, [reading("reactor-a", "status", "heating", clock.now),
+                                                 reading("reactor-a", "batch_id", "B-1", clock.now)])])
+        clock.now = T0 + 20
+        await first.commit([], final=True)
+        clock.now = T0 + 20 + away
+        second = pipeline(tm, buf, clock, [])
+        await second.restore()
+        if gap:  # a new session: the server sends every monitored value again
+            await second.commit([DeviceBatch(DEVICE, [reading("reactor-a", t, v, clock.now)
+                                                      for t, v in (("temperature", 60.0), ("pressure", 1.5))])])
+        clock.now = T0 + 40
+        await second.commit([DeviceBatch(DEVICE, [reading("reactor-a", "status", "cleaning", clock.now)])])
+        [rec] = (await rows_by_leaf(buf))["batches"]
+    assert rec["batch_id"] == "B-1" and rec["duration_s"] == 30.0
+    assert bool(rec["gaps"]) is gap
+    temperature = next(p for p in rec["parameters"] if p["parameter_name"] == "temperature")  # type: ignore[union-attr]
+    assert temperature["missing_s"] == (pytest.approx(5.0) if gap else 0.0)
