@@ -15,9 +15,9 @@ import orjson
 
 from gateway.batches import BatchTracker
 from gateway.derived import Derived
-from gateway.shifts import ShiftTracker
 from gateway.model import Quality, Reading
 from gateway.rules import AssetInfo, Engine
+from gateway.shifts import ShiftTracker
 from gateway.tagmap import load_tag_map
 
 PLANT = Path(__file__).resolve().parents[1] / "config" / "plant.yaml"

@@ -128,7 +128,8 @@ async def test_excursion_status_change_ack_and_restart(plant_map: TagMap, tmp_pa
         alerts = (await rows_by_leaf(buf))["alerts"]
         assert [(a["state"], a["trigger"], a["user"]) for a in alerts[1:]] == [("active_acked", "acknowledge", "op1")]
         events = [e["event"] for e in (await rows_by_leaf(buf))["events"]]
-        assert events.count("reactor-update") == 1, "the status remembered across the restart: mixing again is no change"
+        assert events.count("reactor-update") == 1, \
+            "the status remembered across the restart: mixing again is no change"
         assert events.count("batch-status-change") == 2, "the batch and its phase remembered across the restart"
 
 

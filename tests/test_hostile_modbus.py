@@ -220,7 +220,8 @@ async def test_ninety_seconds_of_a_hostile_plc(tmp_path: Path, mosquitto: Mosqui
                 s.honest_share = 1.0
             await asyncio.sleep(2 * TIMEOUT + 1.0)
             await wait_until(lambda: _good_after_last_bad(sub.messages, "regs")
-                             and _good_after_last_bad(sub.messages, "bits"), 40, "good values again")  # backoff cap: 30 s
+                             and _good_after_last_bad(sub.messages, "bits"),
+                             40, "good values again")  # within the backoff cap of 30 s
             scraped = await _scrape(http)
             messages = list(sub.messages)
     finally:

@@ -147,7 +147,8 @@ def test_truncation_at_every_position_is_incomplete(values: list[int], data: st.
     (16, [1, 2, 3], (1, 2), "reply for address 1\\+2, not 1\\+3"),
     (5, [True], (1, 0xFF00), None),
 ])
-def test_write_replies_echo_their_request(fc: int, values: list[int], echo: tuple[int, int], reason: str | None) -> None:
+def test_write_replies_echo_their_request(fc: int, values: list[int], echo: tuple[int, int],
+                                          reason: str | None) -> None:
     req = write_request(4, 1, fc, 1, values)
     frame = _mbap(4, 1, struct.pack(">BHH", fc, *echo))
     if reason is None:

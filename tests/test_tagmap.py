@@ -78,7 +78,8 @@ CASES = {
         (15, "assets[0].batch.running[0]", "'heatting' is not a phase of 'status' (its enum: idle, heating, cleaning)"),
         (15, "assets[0].batch.critical[0]", "'batch_id' holds a string: a critical parameter is a number"),
         (22, "assets[1].production.counter", "'unit_count' is not a tag of 'filler'"),
-        (22, "assets[1].production.downtime[1]", "'eror' is not a status of 'status' (its enum: idle, running, paused)"),
+        (22, "assets[1].production.downtime[1]",
+         "'eror' is not a status of 'status' (its enum: idle, running, paused)"),
     ],
     "bad_rules.yaml": [
         (14, "assets[0].rules[0].tag", "no tag 'temperatur' in asset 'reactor-a'"),
