@@ -68,7 +68,9 @@ class _Spec(Frozen):
         raise NotImplementedError
 
 
-class _CounterSpec(_Spec):
+class CounterSpec(_Spec):
+    """A counter tag: its width (wraps) and the step that counts as a reset (derived values, shift summaries)."""
+
     counter: Name
     width: Width = 32
     max_step: int | None = Field(
@@ -76,7 +78,7 @@ class _CounterSpec(_Spec):
     )
 
     @model_validator(mode="after")
-    def _step_fits(self) -> _CounterSpec:
+    def _step_fits(self) -> CounterSpec:
         if self.max_step is not None and self.max_step > 1 << self.width:
             raise ValueError(f"max_step {self.max_step} exceeds the counter's range (2**{self.width})")
         return self
@@ -89,7 +91,7 @@ class _CounterSpec(_Spec):
         return {self.counter}
 
 
-class CounterRate(_CounterSpec):
+class CounterRate(CounterSpec):
     """Units per hour from a counter, over a sliding window."""
 
     kind: Literal["counter_rate"]
@@ -115,7 +117,7 @@ class Efficiency(_Spec):
         return {self.rate, self.target}
 
 
-class DailyCount(_CounterSpec):
+class DailyCount(CounterSpec):
     """Increase of a counter since local midnight."""
 
     kind: Literal["daily_count"]

@@ -54,12 +54,12 @@ import math
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, TypeVar
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from .derived import Calendar, counter_step
-from .fields import Frozen, TagName, duration
+from .derived import Calendar, CounterSpec, counter_step
+from .fields import TagName, duration
 from .model import Quality, Reading, iso_ms
 
 SNAPSHOT_VERSION = 1
@@ -72,14 +72,10 @@ Gap = Annotated[float, BeforeValidator(duration), Field(ge=1, le=86400)]
 Status = Annotated[str, Field(min_length=1)]
 
 
-class ProductionSpec(Frozen):
-    """An asset's ``production:`` section: which tags make its shift summaries."""
+class ProductionSpec(CounterSpec):
+    """An asset's ``production:`` section: which tags make its shift summaries. ``counter`` (good units),
+    ``width`` and ``max_step`` are as a derived counter's, and apply to ``rejects`` and ``errors`` too."""
 
-    counter: TagName = Field(description="good-units counter")
-    width: Literal[16, 32, 64] = 32
-    max_step: int | None = Field(
-        default=None, ge=1, description="a step this big or bigger between two reads is a reset; default 2**width / 4"
-    )
     rejects: TagName | None = Field(default=None, description="reject counter -> units_defective")
     status: TagName = "status"
     running: list[Status] = Field(default=["running"], min_length=1, description="statuses that are run time")
@@ -90,8 +86,6 @@ class ProductionSpec(Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> ProductionSpec:
-        if self.max_step is not None and self.max_step > 1 << self.width:
-            raise ValueError(f"max_step {self.max_step} exceeds the counter's range (2**{self.width})")
         tags = [t for t in (self.counter, self.rejects, self.errors, self.status, self.target) if t is not None]
         if len(set(tags)) != len(tags):
             raise ValueError(f"counter, rejects, errors, status and target must be different tags: {tags}")
@@ -101,10 +95,6 @@ class ProductionSpec(Frozen):
         if both := sorted(set(self.running) & set(self.downtime)):
             raise ValueError(f"statuses both running and downtime: {both}")
         return self
-
-    @property
-    def step_limit(self) -> int:
-        return self.max_step if self.max_step is not None else (1 << self.width) // 4
 
     def inputs(self) -> set[str]:
         """The tags this section reads (the tag map checks they exist)."""
