@@ -48,9 +48,7 @@ _TAG = attrgetter("tag")
 _QUALITY = attrgetter("quality")
 
 
-_PLAIN = (type(None), bool, int, float, str)
-
-
+_PLAIN = (type(None), bool, int, float, str)  # value types every payload can carry
 HANDOVER = 1.0  # seconds: state saved less than this before a restore was handed over (a reload), not a stop
 
 
@@ -217,13 +215,7 @@ class Pipeline:
                 continue
             devices[item.device] = item.connected
             transitions += self.engine.device(item.device, item.connected, now)
-            for bt in self._batches_of.get(item.device, ()):
-                bt.device(item.device, item.connected, now)
-            for st in self._shifts_of.get(item.device, ()):
-                if item.connected:  # the device answered: an observation, even without a reading of the station
-                    answered.setdefault(st.asset_id, st)
-                else:
-                    summaries.append((st.asset_id, st.device(False, now)))
+            self._device_seen(item, now, answered, summaries)
             for r in item.readings:
                 by_asset[r.asset].append(r)
         for asset_id, readings in by_asset.items():
@@ -235,15 +227,7 @@ class Pipeline:
                 self._batch(tracker, readings, pending, memory, now)
             self._telemetry(asset_id, readings, pending, states, memory, now=now)
             transitions += self.engine.update(readings, now)
-        for asset_id, st in answered.items():
-            summaries.append((asset_id, st.update(by_asset.get(asset_id, ()), now)))
-        for asset_id, st in self.shifts.items():
-            summaries.append((asset_id, st.tick(now)))
-        self._shift_summaries(summaries, pending, memory, now, final=final)
-        if final:  # the last commit before a stop or a reload: the batches ran until now
-            for bt in self.batches.values():
-                bt.touch(now)
-                memory.append((f"batch:{bt.asset_id}", orjson.dumps(bt.snapshot())))
+        self._plant_context(answered, summaries, by_asset, pending=pending, memory=memory, now=now, final=final)
         for asset_id, derived in self.derived.items():
             if final or now - self._derived_saved.get(asset_id, 0.0) >= DERIVED_SAVE_EVERY:
                 self._derived_saved[asset_id] = now
@@ -264,9 +248,7 @@ class Pipeline:
             self._answer(replies)
             self._devices(devices)
             return
-        seq = self.buffer.next_seq
-        rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio) for i, (asset, topic, prio, make)
-                in enumerate(pending)]
+        rows = self._numbered(pending)
         # The last record also retained, without its seq: the sequenced message is the one to count
         states += [(r.topic + "/last", _unsequenced(r.payload)) for r in rows if r.topic.endswith(_RECORDS)]
         try:
@@ -296,17 +278,11 @@ class Pipeline:
                 by_asset: dict[str, list[Reading]] = defaultdict(list)
                 for r in item.readings:
                     by_asset[r.asset].append(_plain(r))
-                for asset_id, readings in by_asset.items():
-                    asset = self.assets.get(asset_id)
-                    if asset is not None:
-                        pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
-                                        partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id,
-                                                asset_id=asset_id, readings=readings)))
+                pending += [self._telemetry_message(asset_id, readings)
+                            for asset_id, readings in by_asset.items() if asset_id in self.assets]
             else:
                 self._answer([(item, self._reply(item, error=f"internal error: {what}"))])
-        seq = self.buffer.next_seq
-        rows = [Message(seq + i, topic, make(seq=seq + i), asset, prio)
-                for i, (asset, topic, prio, make) in enumerate(pending)]
+        rows = self._numbered(pending)
         try:
             await self.buffer.append(rows)
         except Exception as again:
@@ -315,6 +291,18 @@ class Pipeline:
             self.log.error("readings of a failed batch dropped", rows=len(rows), error=str(again))
             return
         self.on_commit([])
+
+    def _numbered(self, pending: list[_Pending]) -> list[Message]:
+        """The pending messages as buffer rows, numbered from the buffer's next seq."""
+        seq = self.buffer.next_seq
+        return [Message(seq + i, topic, make(seq=seq + i), asset, prio)
+                for i, (asset, topic, prio, make) in enumerate(pending)]
+
+    def _telemetry_message(self, asset_id: str, readings: list[Reading]) -> _Pending:
+        asset = self.assets[asset_id]
+        return (asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
+                partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id, asset_id=asset_id,
+                        readings=readings))
 
     def _batch(self, tracker: BatchTracker, readings: list[Reading], pending: list[_Pending],
                memory: list[tuple[str, bytes]], now: float) -> None:
@@ -330,6 +318,33 @@ class Pipeline:
                 self.log.info("batch ended", asset=asset.id, batch_id=doc["batch_id"], passed=doc["passed"],
                               reason=doc["reason"])
         memory.append((f"batch:{asset.id}", orjson.dumps(tracker.snapshot())))
+
+    def _device_seen(self, item: DeviceBatch, now: float, answered: dict[str, ShiftTracker],
+                     summaries: list[tuple[str, list[dict[str, object]]]]) -> None:
+        """A device answered or was lost: the batches and shifts of its assets learn it. A station whose
+        device answered is observed, even without a reading of it (``answered``, updated later)."""
+        for bt in self._batches_of.get(item.device, ()):
+            bt.device(item.device, item.connected, now)
+        for st in self._shifts_of.get(item.device, ()):
+            if item.connected:
+                answered.setdefault(st.asset_id, st)
+            else:
+                summaries.append((st.asset_id, st.device(False, now)))
+
+    def _plant_context(self, answered: dict[str, ShiftTracker], summaries: list[tuple[str, list[dict[str, object]]]],
+                       by_asset: dict[str, list[Reading]], *, pending: list[_Pending],
+                       memory: list[tuple[str, bytes]], now: float, final: bool) -> None:
+        """Shifts: the observed stations' readings, the boundaries passed, their summaries. At the last
+        commit before a stop or a reload the batches ran until now, and that is saved."""
+        for asset_id, st in answered.items():
+            summaries.append((asset_id, st.update(by_asset.get(asset_id, ()), now)))
+        for asset_id, st in self.shifts.items():
+            summaries.append((asset_id, st.tick(now)))
+        self._shift_summaries(summaries, pending, memory, now, final=final)
+        if final:
+            for bt in self.batches.values():
+                bt.touch(now)
+                memory.append((f"batch:{bt.asset_id}", orjson.dumps(bt.snapshot())))
 
     def _shift_summaries(self, summaries: list[tuple[str, list[dict[str, object]]]], pending: list[_Pending],
                          memory: list[tuple[str, bytes]], now: float, *, final: bool) -> None:
@@ -385,9 +400,7 @@ class Pipeline:
         self._count(asset_id, readings)
         report = [r for r in readings if self._report(r, now)] if asset_id in self._banded else readings
         if report:
-            pending.append((asset_id, self.topics.asset(asset.kind, asset_id, "telemetry"), TELEMETRY,
-                            partial(codec.telemetry, gateway_id=self.gateway_id, boot_id=self.boot_id,
-                                    asset_id=asset_id, readings=report)))
+            pending.append(self._telemetry_message(asset_id, report))
         # One pass (per value: keep it lean): status changes, and whether anything reported differs from
         # the state snapshot (value, quality or reason). The snapshot holds what telemetry reported, so
         # a value moving inside its deadband republishes neither.
@@ -420,8 +433,7 @@ class Pipeline:
         changed: dict[str, None] = {}
         for t in transitions:
             asset = self.assets[t.asset_id]
-            tracker = self.batches.get(t.asset_id)
-            context = tracker.context() if tracker is not None else None
+            context = self._context(t.asset_id)
             saved = self.engine.snapshot(t.alarm_id)
             if context is not None:
                 if t.trigger == "condition" and t.active and t.state is State.ACTIVE_UNACKED:
