@@ -106,17 +106,14 @@ class ModbusTcpDriver:
         async with self._io:
             try:
                 return await client.request(make(client.next_tid()))
-            except NoReply as exc:
-                self._drop()
-                raise DeviceTimeout(self.device_id, f"{exc} to {what}") from None
-            except Rejected as exc:
-                self._drop()
-                raise BadReply(self.device_id, f"{exc} in reply to {what}") from None
-            except Closed as exc:
-                self._drop()
-                raise DeviceUnreachable(self.device_id, f"{exc} during {what}") from None
-            except BaseException:
-                self._drop()
+            except BaseException as exc:
+                self._drop()  # whatever went wrong, the connection is not used again
+                if isinstance(exc, NoReply):
+                    raise DeviceTimeout(self.device_id, f"{exc} to {what}") from None
+                if isinstance(exc, Rejected):
+                    raise BadReply(self.device_id, f"{exc} in reply to {what}") from None
+                if isinstance(exc, Closed):
+                    raise DeviceUnreachable(self.device_id, f"{exc} during {what}") from None
                 raise
 
     def _drop(self) -> None:
